@@ -1,0 +1,1 @@
+"""animalcam: train and explain animal-image classifiers."""

@@ -1,0 +1,37 @@
+"""One exception family for everything a user can get wrong.
+
+Every error says what was found and how to fix it. Each class also derives from the
+builtin that fits, so callers that already catch ``ValueError`` or ``FileNotFoundError``
+keep working. Stage entry points (see :mod:`animalcam.stage`) turn these into one line
+on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class AnimalcamError(Exception):
+    """Base class: a problem the user can fix (bad params, bad data, missing file)."""
+
+
+class ParamsError(AnimalcamError, ValueError):
+    """params.yaml has an unknown key, a wrong type or an out-of-range value."""
+
+
+class DataError(AnimalcamError, ValueError):
+    """The dataset is unusable as given (empty, unknown class folder, too few images)."""
+
+
+class SourceNotFoundError(AnimalcamError, FileNotFoundError):
+    """A path named by the user (dataset, weights file, model) does not exist."""
+
+
+class UnsafeArchiveError(AnimalcamError, ValueError):
+    """An archive would write outside its target, holds links, or is implausibly large."""
+
+
+class CredentialsError(AnimalcamError, PermissionError):
+    """Kaggle credentials are missing or were rejected."""
+
+
+class ModelError(AnimalcamError, ValueError):
+    """A model or weights file does not fit what the params ask for."""

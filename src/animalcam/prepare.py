@@ -1,0 +1,306 @@
+"""The prepare stage: from ``data/raw/<class folder>/...`` to a clean, leakage-free split.
+
+1. Find the class folders and map them to English names (``prepare.class_set``).
+2. Decode every file (:func:`animalcam.images.check_image`); list the unusable ones,
+   with a reason, in ``rejected.csv``.
+3. Keep one copy of each exact duplicate; group near-duplicates by perceptual hash.
+4. Split stratified by class, seeded, whole groups to one side
+   (:func:`animalcam.splitting.stratified_group_split`).
+5. Write ``train.csv``, ``val.csv``, ``classes.json``, ``rejected.csv`` and, for files
+   TensorFlow cannot read as they are, RGB PNG copies under ``images/``.
+
+Sources are only read. Everything is built in a temporary directory that replaces the
+output directory only when complete, and every file is sorted so that the same data and
+params give the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from animalcam import outputs
+from animalcam.classes import ANIMALS10, english_label
+from animalcam.duplicates import exact_duplicate_sets, near_duplicate_groups
+from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.images import ImageCheck, check_image
+from animalcam.params import PrepareParams
+from animalcam.splitting import stratified_group_split
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("path", "label", "source", "group")
+REJECTED_COLUMNS = ("path", "reason", "detail")
+DUPLICATE = "duplicate"
+CONFLICTING_LABELS = "conflicting_labels"
+NOT_IN_CLASS_FOLDER = "not_in_class_folder"
+
+# Below this many files the process pool costs more than it saves.
+_PARALLEL_FROM = 64
+
+
+@dataclass
+class PreparedData:
+    """What the prepare stage produced, for metrics and logging."""
+
+    classes: list[str]
+    train: list[dict[str, str]]
+    val: list[dict[str, str]]
+    rejected: list[tuple[str, str, str]]
+    exact_duplicate_sets: int = 0
+    near_duplicate_groups: int = 0
+    cross_class_groups: int = 0
+    converted: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def find_class_files(raw_dir: Path, class_set: str) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``(file, English label)`` for every file under a class folder, and stray files.
+
+    Raises DataError for an empty source or a folder that is not one of ``class_set``.
+    """
+    if not raw_dir.is_dir():
+        raise SourceNotFoundError(
+            f"{raw_dir} does not exist; run the download stage first (dvc repro download)."
+        )
+    labelled: list[tuple[Path, str]] = []
+    strays: list[Path] = []
+    for entry in sorted(raw_dir.iterdir()):
+        if entry.is_file():
+            strays.append(entry)
+            continue
+        label = english_label(entry.name, class_set)
+        if label is None:
+            raise DataError(
+                f"{entry} is not an Animals-10 class folder (expected one of "
+                f"{', '.join(sorted(ANIMALS10))}, or their English names); remove it, or "
+                "set prepare.class_set: folders to use every folder as a class."
+            )
+        labelled.extend((path, label) for path in sorted(entry.rglob("*")) if path.is_file())
+    if not labelled:
+        raise DataError(
+            f"{raw_dir} holds no images in class folders; check data.source points at the "
+            "Animals-10 archive or a folder of class folders, then rerun dvc repro."
+        )
+    return labelled, strays
+
+
+def prepare_dataset(
+    raw_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int | None = None
+) -> PreparedData:
+    """Check, deduplicate and split ``raw_dir`` into ``out_dir`` (replaced atomically)."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    labelled, strays = find_class_files(raw_dir, params.class_set)
+    rejected = [
+        (_posix(p), NOT_IN_CLASS_FOLDER, "files must sit in a class folder") for p in strays
+    ]
+
+    with outputs.replace_directory(out_dir) as staging:
+        jobs = [(path, _converted_name(path, raw_dir)) for path, _ in labelled]
+        checks = _check_all(jobs, staging, params, workers)
+        labels = [label for _, label in labelled]
+
+        usable: list[int] = []
+        for index, check in enumerate(checks):
+            if check.reason is None:
+                usable.append(index)
+            else:
+                rejected.append((_posix(check.path), check.reason, check.detail))
+        usable, duplicates, n_exact = _drop_exact_duplicates(usable, checks, labels)
+        rejected.extend(duplicates)
+
+        classes = sorted({labels[i] for i in usable})
+        _require_enough_per_class(usable, labels, params.min_per_class, classes)
+        groups = near_duplicate_groups(
+            [checks[i].phash for i in usable], params.near_duplicate_distance
+        )
+        is_val = stratified_group_split(
+            [labels[i] for i in usable], groups.tolist(), params.val_split, params.seed
+        )
+
+        final_images = out_dir / "images"
+        rows = []
+        for position, index in enumerate(usable):
+            check = checks[index]
+            path = check.path
+            if check.converted:
+                relative = Path(check.converted).relative_to(staging / "images")
+                path = str(final_images / relative)
+            rows.append(
+                {
+                    "path": _posix(path),
+                    "label": labels[index],
+                    "source": _posix(check.path),
+                    "group": str(int(groups[position])),
+                }
+            )
+        train = sorted((r for r, v in zip(rows, is_val, strict=True) if not v), key=_by_path)
+        val = sorted((r for r, v in zip(rows, is_val, strict=True) if v), key=_by_path)
+        rejected.sort()
+
+        _write_manifest(staging / "train.csv", train)
+        _write_manifest(staging / "val.csv", val)
+        outputs.write_csv(staging / "rejected.csv", REJECTED_COLUMNS, rejected)
+        outputs.write_json(staging / "classes.json", classes)
+
+    group_sizes = Counter(groups.tolist())
+    group_labels: dict[int, set[str]] = {}
+    for position, index in enumerate(usable):
+        group_labels.setdefault(int(groups[position]), set()).add(labels[index])
+    result = PreparedData(
+        classes=classes,
+        train=train,
+        val=val,
+        rejected=rejected,
+        exact_duplicate_sets=n_exact,
+        near_duplicate_groups=sum(1 for size in group_sizes.values() if size > 1),
+        cross_class_groups=sum(1 for names in group_labels.values() if len(names) > 1),
+        converted=sum(1 for i in usable if checks[i].converted),
+    )
+    result.counts = {
+        split: {name: sum(1 for r in rows if r["label"] == name) for name in classes}
+        for split, rows in (("train", train), ("val", val))
+    }
+    log.info(
+        "prepared %d train / %d val images in %d classes; rejected %d; %d near-duplicate groups",
+        len(train),
+        len(val),
+        len(classes),
+        len(rejected),
+        result.near_duplicate_groups,
+    )
+    return result
+
+
+def data_metrics(result: PreparedData) -> dict:
+    """The content of ``metrics/data.json``: sizes per class and split, what was dropped."""
+    reasons = Counter(reason for _, reason, _ in result.rejected)
+    return {
+        "classes": len(result.classes),
+        "images": {split: sum(counts.values()) for split, counts in result.counts.items()},
+        "per_class": result.counts,
+        "rejected": {"total": len(result.rejected), **dict(sorted(reasons.items()))},
+        "duplicates": {
+            "exact_sets": result.exact_duplicate_sets,
+            "near_groups": result.near_duplicate_groups,
+            "cross_class_groups": result.cross_class_groups,
+        },
+        "converted_to_png": result.converted,
+    }
+
+
+def class_distribution_rows(result: PreparedData) -> list[tuple[str, str, int]]:
+    """``(class, split, count)`` rows for the class-distribution plot."""
+    return [
+        (name, split, result.counts[split][name])
+        for name in result.classes
+        for split in ("train", "val")
+    ]
+
+
+def _check_all(
+    jobs: list[tuple[Path, PurePosixPath]],
+    staging: Path,
+    params: PrepareParams,
+    workers: int | None,
+) -> list[ImageCheck]:
+    check = partial(
+        _check_one, staging=staging, min_side=params.min_side, max_pixels=params.max_pixels
+    )
+    progress = partial(tqdm, total=len(jobs), desc="checking images", unit="img", disable=None)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) < _PARALLEL_FROM:
+        return list(progress(map(check, jobs)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(progress(pool.map(check, jobs, chunksize=32)))
+
+
+def _check_one(
+    job: tuple[Path, PurePosixPath], *, staging: Path, min_side: int, max_pixels: int
+) -> ImageCheck:
+    path, converted_name = job
+    return check_image(
+        path,
+        min_side=min_side,
+        max_pixels=max_pixels,
+        convert_to=staging / "images" / converted_name,
+    )
+
+
+def _drop_exact_duplicates(
+    usable: list[int], checks: list[ImageCheck], labels: list[str]
+) -> tuple[list[int], list[tuple[str, str, str]], int]:
+    """Keep the first copy (by path) of each exact duplicate; drop all copies whose
+    labels disagree, since no one label is right for them."""
+    sets = exact_duplicate_sets([checks[i].sha256 for i in usable])
+    dropped: set[int] = set()
+    rejected = []
+    for members in sets:
+        indices = [usable[m] for m in members]
+        first = checks[indices[0]].path
+        if len({labels[i] for i in indices}) > 1:
+            names = ", ".join(sorted({labels[i] for i in indices}))
+            for i in indices:
+                dropped.add(i)
+                rejected.append(
+                    (_posix(checks[i].path), CONFLICTING_LABELS, f"same bytes filed as {names}")
+                )
+        else:
+            for i in indices[1:]:
+                dropped.add(i)
+                rejected.append(
+                    (_posix(checks[i].path), DUPLICATE, f"same bytes as {_posix(first)}")
+                )
+    return [i for i in usable if i not in dropped], rejected, len(sets)
+
+
+def _require_enough_per_class(
+    usable: Iterable[int], labels: list[str], minimum: int, classes: list[str]
+) -> None:
+    counts = Counter(labels[i] for i in usable)
+    for name in sorted(set(labels)):
+        if counts[name] < minimum:
+            raise DataError(
+                f"class '{name}' has {counts[name]} usable images, fewer than "
+                f"prepare.min_per_class={minimum}; add images to its folder or lower "
+                "prepare.min_per_class."
+            )
+    if len(classes) < 2:
+        raise DataError(
+            f"only {len(classes)} class has usable images; a classifier needs at least two."
+        )
+
+
+def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    outputs.write_csv(path, MANIFEST_COLUMNS, ([r[c] for c in MANIFEST_COLUMNS] for r in rows))
+
+
+def _converted_name(path: Path, raw_dir: Path) -> PurePosixPath:
+    # The full relative name plus .png: unique even for cat.jpg next to cat.webp.
+    return PurePosixPath(path.relative_to(raw_dir).as_posix() + ".png")
+
+
+def _posix(path: str | Path) -> str:
+    return Path(path).as_posix()
+
+
+def _by_path(row: dict[str, str]) -> str:
+    return row["path"]
+
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "PreparedData",
+    "class_distribution_rows",
+    "data_metrics",
+    "find_class_files",
+    "prepare_dataset",
+]

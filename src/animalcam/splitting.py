@@ -1,0 +1,63 @@
+"""A stratified, seeded train/validation split that never cuts a duplicate group.
+
+scikit-learn splits either by stratum (StratifiedShuffleSplit) or by group
+(GroupShuffleSplit, StratifiedGroupKFold with a fold count, not a fraction), not both
+at an exact fraction, so this is the small greedy version: per class, shuffle its groups
+with the seed and move whole groups to validation until the class's share is reached.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from animalcam.errors import DataError
+
+
+def stratified_group_split(
+    labels: Sequence[str], groups: Sequence[int], val_split: float, seed: int
+) -> np.ndarray:
+    """Boolean mask, True for validation, with every group wholly on one side.
+
+    Each class gets ``round(n * val_split)`` validation images (at least one), as close
+    as whole groups allow. A group whose images carry several labels (a near-duplicate
+    across classes) counts for its most common label. Same inputs, same mask.
+    """
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups must have the same length")
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+
+    groups_of_class: dict[str, list[int]] = defaultdict(list)
+    for group in sorted(members):
+        counts = Counter(labels[i] for i in members[group])
+        label = min(counts, key=lambda name: (-counts[name], name))
+        groups_of_class[label].append(group)
+
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for label in sorted(groups_of_class):
+        class_groups = groups_of_class[label]
+        size = sum(len(members[g]) for g in class_groups)
+        target = max(1, int(np.floor(size * val_split + 0.5)))
+        taken = 0
+        # Largest-first would fit better but bias validation towards duplicated
+        # pictures; a shuffled order keeps it a random sample of groups.
+        for position in rng.permutation(len(class_groups)):
+            group = class_groups[position]
+            if taken + len(members[group]) <= target:
+                is_val[members[group]] = True
+                taken += len(members[group])
+            if taken == target:
+                break
+        if taken == 0 or taken == size:
+            raise DataError(
+                f"class '{label}': its {size} images form near-duplicate groups that cannot "
+                f"be split {1 - val_split:.0%}/{val_split:.0%} without putting copies of one "
+                "picture on both sides; add more distinct images or lower "
+                "prepare.near_duplicate_distance."
+            )
+    return is_val

@@ -1,0 +1,230 @@
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, blob_image, make_class_tree, save_image
+from PIL import Image
+
+from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.outputs import read_csv
+from animalcam.params import PrepareParams
+from animalcam.prepare import data_metrics, prepare_dataset
+
+PARAMS = PrepareParams(min_side=16, min_per_class=4)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def add_awkward_files(raw: Path) -> None:
+    """The kinds of file a scraped dataset holds, spread over the classes."""
+    (raw / "cane" / "empty.jpg").write_bytes(b"")
+    (raw / "cane" / "notes.txt").write_text("not an image")
+    buffer = io.BytesIO()
+    blob_image(77, (120, 100)).save(buffer, format="JPEG")
+    (raw / "gatto" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    blob_image(78).convert("CMYK").save(raw / "mucca" / "cmyk.jpg")
+    rgba = blob_image(79).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(raw / "pecora" / "alpha.png")
+    save_image(raw / "ragno" / "tiny.png", seed=80, size=(8, 8))
+    # An exact copy inside one class, and a resized near-copy in the same class.
+    (raw / "cavallo" / "img_0_copy.jpg").write_bytes((raw / "cavallo" / "img_0.jpg").read_bytes())
+    Image.open(raw / "elefante" / "img_1.jpg").resize((40, 35)).save(
+        raw / "elefante" / "small_1.jpg"
+    )
+    # The same bytes filed under two classes: no label is right for it.
+    (raw / "gallina" / "both.jpg").write_bytes((raw / "farfalla" / "img_2.jpg").read_bytes())
+    (raw / "README.txt").write_text("stray file outside the class folders")
+
+
+@pytest.fixture
+def messy_raw(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    make_class_tree(raw, per_class=8, size=(64, 56))
+    add_awkward_files(raw)
+    return raw
+
+
+def test_prepare_cleans_groups_and_splits(messy_raw, tmp_path):
+    before = snapshot(messy_raw)
+    out = tmp_path / "data" / "prepared"
+    result = prepare_dataset(messy_raw, out, PARAMS, workers=1)
+
+    assert snapshot(messy_raw) == before  # sources only read
+    assert json.loads((out / "classes.json").read_text()) == [
+        "butterfly",
+        "cat",
+        "chicken",
+        "cow",
+        "dog",
+        "elephant",
+        "horse",
+        "sheep",
+        "spider",
+        "squirrel",
+    ]
+    rejected = {Path(r["path"]).name: r["reason"] for r in read_csv(out / "rejected.csv")}
+    assert rejected == {
+        "empty.jpg": "empty_file",
+        "notes.txt": "not_an_image",
+        "truncated.jpg": "truncated",
+        "tiny.png": "too_small",
+        "img_0_copy.jpg": "duplicate",
+        "both.jpg": "conflicting_labels",
+        "img_2.jpg": "conflicting_labels",
+        "README.txt": "not_in_class_folder",
+    }
+
+    train, val = read_csv(out / "train.csv"), read_csv(out / "val.csv")
+    assert list(train[0]) == ["path", "label", "source", "group"]
+    rows = train + val
+    assert len({r["source"] for r in rows}) == len(rows)
+    # 10 classes x 8, +CMYK, +alpha, +near copy, -copy_of_0's twin kept, -img_2 (conflict)
+    assert len(rows) == 80 + 3 - 1
+    by_name = {Path(r["source"]).name + r["label"]: r for r in rows}
+    for name, label in (("cmyk.jpg", "cow"), ("alpha.png", "sheep")):
+        row = by_name[name + label]
+        assert row["path"].endswith(f"{name}.png") and Path(row["path"]).is_file()
+        assert Image.open(row["path"]).mode == "RGB"
+    # The near-duplicate pair shares a group and a side of the split.
+    pair = [
+        r
+        for r in rows
+        if r["label"] == "elephant" and Path(r["source"]).name in ("img_1.jpg", "small_1.jpg")
+    ]
+    assert len(pair) == 2 and pair[0]["group"] == pair[1]["group"]
+    assert (pair[0] in val) == (pair[1] in val)
+    # Stratified: every class on both sides, about 15% validation.
+    for label in result.classes:
+        assert any(r["label"] == label for r in val) and any(r["label"] == label for r in train)
+    assert 0.10 <= len(val) / len(rows) <= 0.2
+
+    metrics = data_metrics(result)
+    assert metrics["images"] == {"train": len(train), "val": len(val)}
+    assert metrics["rejected"] == {
+        "total": 8,
+        "conflicting_labels": 2,
+        "duplicate": 1,
+        "empty_file": 1,
+        "not_an_image": 1,
+        "not_in_class_folder": 1,
+        "too_small": 1,
+        "truncated": 1,
+    }
+    assert metrics["duplicates"]["exact_sets"] == 2
+    assert metrics["duplicates"]["near_groups"] >= 1
+    assert metrics["converted_to_png"] == 2
+    assert sum(metrics["per_class"]["val"].values()) == len(val)
+
+
+def test_same_data_and_params_give_the_same_bytes(messy_raw, tmp_path):
+    out = tmp_path / "prepared"
+    prepare_dataset(messy_raw, out, PARAMS, workers=1)
+    first = snapshot(out)
+    prepare_dataset(messy_raw, out, PARAMS, workers=2)  # through the process pool
+    assert snapshot(out) == first
+    prepare_dataset(messy_raw, out, PrepareParams(min_side=16, min_per_class=4, seed=7), workers=1)
+    assert snapshot(out)["val.csv"] != first["val.csv"]
+
+
+def test_unknown_class_folder_is_an_error_unless_folders_are_accepted(tmp_path):
+    raw = tmp_path / "raw"
+    make_class_tree(raw, per_class=5, classes=("cane", "lupo"))
+    with pytest.raises(
+        DataError, match=r"lupo is not an Animals-10 class folder.*prepare.class_set: folders"
+    ):
+        prepare_dataset(raw, tmp_path / "out", PARAMS, workers=1)
+    assert not (tmp_path / "out").exists()
+    result = prepare_dataset(
+        raw,
+        tmp_path / "out",
+        PrepareParams(min_side=16, min_per_class=4, class_set="folders"),
+        workers=1,
+    )
+    assert result.classes == ["cane", "lupo"]
+
+
+def test_english_folder_names_are_accepted(tmp_path):
+    raw = tmp_path / "raw"
+    make_class_tree(raw, per_class=5, classes=("dog", "gatto"))
+    assert prepare_dataset(raw, tmp_path / "out", PARAMS, workers=1).classes == ["cat", "dog"]
+
+
+def test_too_few_usable_images_is_an_error_and_writes_nothing(tmp_path):
+    raw = tmp_path / "raw"
+    make_class_tree(raw, per_class=5, classes=("cane",))
+    make_class_tree(raw, per_class=3, classes=("gatto",))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous output")
+    with pytest.raises(
+        DataError, match=r"class 'cat' has 3 usable images, fewer than prepare.min_per_class=4"
+    ):
+        prepare_dataset(raw, tmp_path / "out", PARAMS, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no temp dirs
+    assert (tmp_path / "out" / "keep.txt").read_text() == "previous output"
+
+
+def test_empty_or_missing_source(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DataError, match="holds no images in class folders"):
+        prepare_dataset(tmp_path / "raw", tmp_path / "out", PARAMS)
+    with pytest.raises(SourceNotFoundError, match="dvc repro download"):
+        prepare_dataset(tmp_path / "nope", tmp_path / "out", PARAMS)
+
+
+def test_stage_script_writes_outputs_and_fails_in_one_line(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    make_class_tree(raw, per_class=6)
+    (tmp_path / "params.yaml").write_text("prepare:\n  min_side: 16\n  min_per_class: 4\n")
+    env = {**os.environ, "ANIMALCAM_LOG_LEVEL": "WARNING"}
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "prepare.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    assert metrics["images"] == {"train": 50, "val": 10}
+    plot = (tmp_path / "plots" / "prepare" / "class_distribution.csv").read_text().splitlines()
+    assert plot[0] == "class,split,count" and "butterfly,train,5" in plot and len(plot) == 21
+
+    (tmp_path / "params.yaml").write_text("prepare:\n  val_split: 0.9\n")
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "prepare.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "animalcam prepare: error: params.yaml: prepare.val_split = 0.9 is not allowed; "
+        "expected a fraction in (0, 0.5]."
+    ]
+
+
+def test_converted_png_matches_what_tensorflow_reads(tmp_path):
+    raw = tmp_path / "raw"
+    make_class_tree(raw, per_class=5, classes=("cane", "gatto"))
+    save_image(raw / "gatto" / "w.webp", seed=90, size=(50, 50))
+    prepare_dataset(raw, tmp_path / "out", PARAMS, workers=1)
+    rows = read_csv(tmp_path / "out" / "train.csv") + read_csv(tmp_path / "out" / "val.csv")
+    row = next(r for r in rows if r["source"].endswith("w.webp"))
+    pixels = np.asarray(Image.open(row["path"]))
+    assert pixels.shape == (50, 50, 3)

@@ -2,7 +2,12 @@
 
 from animalcam import outputs
 from animalcam.params import load_params
-from animalcam.prepare import class_distribution_rows, data_metrics, prepare_dataset
+from animalcam.prepare import (
+    CLASS_DISTRIBUTION_COLUMNS,
+    class_distribution_rows,
+    data_metrics,
+    prepare_dataset,
+)
 from animalcam.stage import run_stage
 
 
@@ -12,7 +17,7 @@ def main() -> None:
     outputs.write_json("metrics/data.json", data_metrics(result))
     outputs.write_csv(
         "plots/prepare/class_distribution.csv",
-        ("class", "split", "count"),
+        CLASS_DISTRIBUTION_COLUMNS,
         class_distribution_rows(result),
     )
 

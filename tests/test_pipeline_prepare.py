@@ -86,7 +86,7 @@ def test_repro_prepare_writes_every_output(prepared):
     assert (
         (root / "plots/prepare/class_distribution.csv")
         .read_text()
-        .startswith("class,split,count\n")
+        .startswith("class,train,val\n")
     )
 
 

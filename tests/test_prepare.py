@@ -201,7 +201,7 @@ def test_stage_script_writes_outputs_and_fails_in_one_line(tmp_path):
     metrics = json.loads((tmp_path / "metrics" / "data.json").read_text())
     assert metrics["images"] == {"train": 50, "val": 10}
     plot = (tmp_path / "plots" / "prepare" / "class_distribution.csv").read_text().splitlines()
-    assert plot[0] == "class,split,count" and "butterfly,train,5" in plot and len(plot) == 21
+    assert plot[0] == "class,train,val" and "butterfly,5,1" in plot and len(plot) == 11
 
     (tmp_path / "params.yaml").write_text("prepare:\n  val_split: 0.9\n")
     run = subprocess.run(

@@ -197,12 +197,13 @@ def data_metrics(result: PreparedData) -> dict:
     }
 
 
-def class_distribution_rows(result: PreparedData) -> list[tuple[str, str, int]]:
-    """``(class, split, count)`` rows for the class-distribution plot."""
+CLASS_DISTRIBUTION_COLUMNS = ("class", "train", "val")
+
+
+def class_distribution_rows(result: PreparedData) -> list[tuple[str, int, int]]:
+    """``(class, train images, validation images)`` rows for the class-distribution plots."""
     return [
-        (name, split, result.counts[split][name])
-        for name in result.classes
-        for split in ("train", "val")
+        (name, result.counts["train"][name], result.counts["val"][name]) for name in result.classes
     ]
 
 
@@ -297,6 +298,7 @@ def _by_path(row: dict[str, str]) -> str:
 
 
 __all__ = [
+    "CLASS_DISTRIBUTION_COLUMNS",
     "MANIFEST_COLUMNS",
     "PreparedData",
     "class_distribution_rows",

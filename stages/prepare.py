@@ -1,6 +1,6 @@
 """DVC stage `prepare`: data/raw -> data/prepared/{train,val,rejected}.csv, classes.json."""
 
-from animalcam import outputs
+from animalcam import outputs, tracking
 from animalcam.params import load_params
 from animalcam.prepare import (
     CLASS_DISTRIBUTION_COLUMNS,
@@ -10,16 +10,25 @@ from animalcam.prepare import (
 )
 from animalcam.stage import run_stage
 
+METRICS = "metrics/data.json"
+DISTRIBUTION = "plots/prepare/class_distribution.csv"
+
 
 def main() -> None:
     params = load_params()
-    result = prepare_dataset("data/raw", "data/prepared", params.prepare)
-    outputs.write_json("metrics/data.json", data_metrics(result))
-    outputs.write_csv(
-        "plots/prepare/class_distribution.csv",
-        CLASS_DISTRIBUTION_COLUMNS,
-        class_distribution_rows(result),
-    )
+    with tracking.stage_run("prepare", params) as run:
+        result = prepare_dataset("data/raw", "data/prepared", params.prepare)
+        metrics = data_metrics(result)
+        outputs.write_json(METRICS, metrics)
+        outputs.write_csv(DISTRIBUTION, CLASS_DISTRIBUTION_COLUMNS, class_distribution_rows(result))
+        run.log_metrics(tracking.numeric_metrics(metrics))
+        for path in (
+            METRICS,
+            DISTRIBUTION,
+            "data/prepared/classes.json",
+            "data/prepared/rejected.csv",
+        ):
+            run.log_artifact(path)
 
 
 if __name__ == "__main__":

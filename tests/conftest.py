@@ -8,6 +8,7 @@ resized or recompressed copy stays a near-duplicate, as with real photos.
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def class_tree(tmp_path: Path) -> Path:
     root = tmp_path / "raw"
     make_class_tree(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(monkeypatch):
+    """No tracking URI, forced parent run or DVC variables from the developer's shell, and
+    no MLflow run or URI left behind for the next test: stages run in-process log to a
+    store in their own working directory."""
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "ANIMALCAM_PIPELINE_RUN_ID",
+        "DVC_ROOT",
+        "DVC_STAGE",
+        "DVC_EXP_NAME",
+        "DVC_EXP_BASELINE_REV",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    if "mlflow" in sys.modules:  # only tests that used it pay for the import
+        mlflow = sys.modules["mlflow"]
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)

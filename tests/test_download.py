@@ -504,6 +504,7 @@ def test_stage_script_fails_in_one_line(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "ANIMALCAM_LOG_LEVEL": "WARNING"},
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

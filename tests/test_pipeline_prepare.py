@@ -84,9 +84,7 @@ def test_repro_prepare_writes_every_output(prepared):
     assert metrics["rejected"]["total"] == 4
     assert metrics["duplicates"]["exact_sets"] == 1
     assert (
-        (root / "plots/prepare/class_distribution.csv")
-        .read_text()
-        .startswith("class,train,val\n")
+        (root / "plots/prepare/class_distribution.csv").read_text().startswith("class,train,val\n")
     )
 
 
@@ -99,10 +97,7 @@ def test_second_repro_changes_nothing(prepared):
     again = project.repro("prepare")
     assert "Running stage 'prepare'" not in again.stdout
     assert "didn't change, skipping" in again.stdout
-    # Only the download stage's re-check of its source is pending, by design.
-    assert json.loads(project.run("dvc", "status", "--json").stdout) == {
-        "download": ["always changed"]
-    }
+    assert json.loads(project.run("dvc", "status", "prepare", "--json").stdout) == {}
     for name, content in before.items():
         assert (project.root / name).read_bytes() == content
 

@@ -47,6 +47,7 @@ from animalcam.errors import (
     AnimalcamError,
     CredentialsError,
     DataError,
+    DownloadError,
     SourceNotFoundError,
 )
 from animalcam.params import DataParams
@@ -71,10 +72,6 @@ CREDENTIALS_HINT = (
     "KAGGLE_KEY, or put a new-style token in KAGGLE_API_TOKEN or ~/.kaggle/access_token "
     "(or run kaggle auth login); " + LOCAL_COPY_HINT
 )
-
-
-class DownloadError(AnimalcamError, ConnectionError):
-    """Kaggle could not be reached, or the download failed for a reason other than access."""
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,11 @@ class CredentialsError(AnimalcamError, PermissionError):
 
 class ModelError(AnimalcamError, ValueError):
     """A model or weights file does not fit what the params ask for."""
+
+
+class TrackingError(AnimalcamError, ConnectionError):
+    """The MLflow tracking store cannot be reached or refused to record something."""
+
+
+class DownloadError(AnimalcamError, ConnectionError):
+    """Kaggle could not be reached, or the download failed for a reason other than access."""

@@ -249,6 +249,7 @@ class ExplainParams:
     alpha: float = 0.4  # heatmap opacity in the overlay
     batch_size: int = 16
     faithfulness_fraction: float = 0.2  # share of the image blurred in the check
+    seed: int = 0  # places the random regions the faithfulness check compares against
 
     def check(self, prefix: str) -> None:
         for name in ("n_correct", "n_incorrect"):

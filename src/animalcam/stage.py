@@ -21,6 +21,9 @@ EXIT_USER_ERROR = 2
 def configure_logging() -> None:
     level = os.environ.get("ANIMALCAM_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # MLflow's and its database migrations' set-up chatter is not news to a stage's user.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def run_stage(main: Callable[[], object], name: str) -> None:

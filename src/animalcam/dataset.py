@@ -1,0 +1,254 @@
+"""Streaming image input for training and inference, from the prepared manifests.
+
+Images are read, decoded and resized on the fly by ``tf.data`` (in parallel, in a fixed
+order), batched and prefetched; nothing holds the whole dataset in memory. Every batch
+is float32 RGB with values in [0, 255]: the model does its own preprocessing (see
+animalcam.layers.Preprocess), so train, evaluate and explain all feed the same pixels.
+
+- :func:`image_dataset`: one pass, for inference (paths only) or validation.
+- :func:`training_batches`: the training stream over several epochs; epoch ``e`` is
+  shuffled with the stateless seed ``(seed, e)``, so a run resumed at epoch ``e`` sees
+  the batches an uninterrupted run would have seen.
+- :func:`augmentation`: the reference study's random transforms as Keras layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.outputs import read_csv
+from animalcam.params import AugmentParams
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("path", "label")  # required; prepare also writes source and group
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One split: image paths (as tf.data opens them) and class indices, row by row."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    sizes: tuple[int, ...]  # file sizes in bytes, for the resume fingerprint
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_classes(path: str | Path) -> list[str]:
+    """Class names in index order from ``classes.json`` (a JSON list of unique strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceNotFoundError(f"{path} does not exist; run the prepare stage first.")
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); rerun the prepare stage.") from None
+    if (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise DataError(
+            f"{path} should hold a JSON list of at least 2 unique class names, got {names!r}; "
+            "rerun the prepare stage."
+        )
+    return names
+
+
+def read_manifest(
+    path: str | Path, class_names: Sequence[str], root: str | Path | None = None
+) -> Manifest:
+    """Read a prepared split (``path,label,...`` CSV) into a :class:`Manifest`.
+
+    Paths in the CSV are relative to the repository root; ``root`` (default: the
+    working directory, where stages run) is joined in front of them. Unknown labels,
+    missing columns, missing image files and an empty split are a DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceNotFoundError(f"{path} does not exist; run the prepare stage first.")
+    rows = read_csv(path)
+    if not rows:
+        raise DataError(f"{path} lists no images; check the prepare stage's rejected.csv.")
+    missing_columns = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
+    if missing_columns:
+        raise DataError(
+            f"{path} lacks column(s) {', '.join(missing_columns)}; expected a header "
+            "starting path,label. Rerun the prepare stage."
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    paths, labels, sizes, missing = [], [], [], []
+    for line, row in enumerate(rows, start=2):
+        if row["label"] not in index:
+            raise DataError(
+                f"{path}:{line}: label {row['label']!r} is not one of the classes "
+                f"{list(class_names)}; rerun the prepare stage."
+            )
+        image = Path(row["path"]) if root is None else Path(root) / row["path"]
+        try:
+            sizes.append(os.stat(image).st_size)
+        except FileNotFoundError:
+            missing.append(str(image))
+            continue
+        paths.append(str(image))
+        labels.append(index[row["label"]])
+    if missing:
+        raise DataError(
+            f"{path}: {len(missing)} image file(s) do not exist (first: {missing[0]}); "
+            "rerun the prepare stage (or `dvc pull`) to restore them."
+        )
+    return Manifest(tuple(paths), tuple(labels), tuple(sizes))
+
+
+def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read and decode one image file into float32 RGB (image_size, image_size, 3), [0, 255].
+
+    JPEG, PNG, BMP and GIF (first frame); grayscale is expanded and alpha dropped. The
+    image is resized to a square, bilinear, without keeping its aspect ratio, as Keras'
+    image loaders (and the reference study) do, and as explain resizes its inputs.
+    """
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, (image_size, image_size), method="bilinear")
+
+
+def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:
+    """The study's ImageDataGenerator transforms as Keras layers (None when all are off).
+
+    Rotation (degrees), translation, shear and zoom (fractions) are drawn independently
+    per image; gaps are filled with the nearest edge pixel, as ImageDataGenerator did.
+    The layers only transform when called with ``training=True``.
+    """
+    fill = {"fill_mode": "nearest", "dtype": "float32"}
+    layers: list[keras.layers.Layer] = []
+    if params.rotation > 0:
+        # RandomRotation takes a fraction of a full turn.
+        layers.append(keras.layers.RandomRotation(params.rotation / 360.0, seed=seed, **fill))
+    if params.translate > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                params.translate, params.translate, seed=seed + 1, **fill
+            )
+        )
+    if params.shear > 0:
+        layers.append(keras.layers.RandomShear(params.shear, params.shear, seed=seed + 2, **fill))
+    if params.zoom > 0:
+        layers.append(keras.layers.RandomZoom(params.zoom, seed=seed + 3, **fill))
+    if params.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 4, dtype="float32"))
+    if not layers:
+        return None
+    return keras.Sequential(layers, name="augment")
+
+
+def image_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int] | None = None,
+    *,
+    image_size: int,
+    batch_size: int,
+    num_classes: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    augment: keras.Sequential | None = None,
+) -> tf.data.Dataset:
+    """One pass over ``paths`` in batches, prefetched.
+
+    Yields ``images`` (float32, (batch, image_size, image_size, 3), [0, 255]) or, with
+    ``labels`` (class indices), ``(images, labels)``; labels are one-hot float32 when
+    ``num_classes`` is given. With ``shuffle`` the order is a permutation fixed by
+    ``(seed, epoch)`` (the same every time the dataset is iterated); otherwise the order
+    of ``paths``, so predictions line up with the manifest. ``augment`` (see
+    :func:`augmentation`) is applied to image batches in training mode.
+    """
+    source = _Source(paths, labels, image_size, batch_size, num_classes, shuffle, seed, augment)
+    return source.epoch(tf.constant(epoch, tf.int64)).prefetch(tf.data.AUTOTUNE)
+
+
+def training_batches(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    *,
+    image_size: int,
+    batch_size: int,
+    num_classes: int,
+    seed: int,
+    first_epoch: int,
+    end_epoch: int,
+    augment: keras.Sequential | None = None,
+) -> tf.data.Dataset:
+    """Shuffled, augmented training batches for epochs ``first_epoch .. end_epoch - 1``.
+
+    Each epoch is :func:`image_dataset` with ``shuffle=True, epoch=e``: its own
+    permutation, ``steps_per_epoch(len(paths), batch_size)`` batches, the last one
+    possibly smaller. Feed it to ``Model.fit`` with that ``steps_per_epoch`` so that
+    Keras keeps one iterator across epochs.
+    """
+    source = _Source(paths, labels, image_size, batch_size, num_classes, True, seed, augment)
+    epochs = tf.data.Dataset.range(first_epoch, end_epoch)
+    return epochs.flat_map(source.epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    return -(-n_images // batch_size)
+
+
+class _Source:
+    """The per-epoch pipeline shared by image_dataset and training_batches."""
+
+    def __init__(self, paths, labels, image_size, batch_size, num_classes, shuffle, seed, augment):
+        if len(paths) == 0:
+            raise DataError("no images to read: the list of paths is empty.")
+        if labels is not None and len(labels) != len(paths):
+            raise DataError(f"{len(paths)} paths but {len(labels)} labels; they must pair up.")
+        self.paths = tf.constant(list(paths), tf.string)
+        self.labels = None if labels is None else tf.constant(np.asarray(labels), tf.int32)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+
+    def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+        n = tf.shape(self.paths, out_type=tf.int64)[0]
+        order = tf.range(n)
+        if self.shuffle:
+            # Stateless: the permutation depends on (seed, epoch) only, not on how many
+            # epochs this process has already iterated (which a resumed run changes).
+            seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
+            order = tf.random.experimental.stateless_shuffle(order, seed=seed)
+        ds = tf.data.Dataset.from_tensor_slices(order)
+        ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.batch_size)
+        if self.augment is not None:
+            ds = ds.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
+
+    def _example(self, i):
+        image = load_image(tf.gather(self.paths, i), self.image_size)
+        if self.labels is None:
+            return image
+        label = tf.gather(self.labels, i)
+        if self.num_classes is not None:
+            label = tf.one_hot(label, self.num_classes, dtype=tf.float32)
+        return image, label
+
+    def _augment(self, images, labels=None):
+        images = self.augment(images, training=True)
+        return images if labels is None else (images, labels)

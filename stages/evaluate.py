@@ -1,0 +1,33 @@
+"""DVC stage `evaluate`: model + validation split -> metrics/evaluate.json, plots/evaluate/."""
+
+from animalcam import dataset, evaluation, modeling, outputs, tracking
+from animalcam.params import load_params
+from animalcam.stage import run_stage
+
+METRICS = "metrics/evaluate.json"
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.stage_run("evaluate", params, model_run_file="models/mlflow_run.json") as run:
+        model = modeling.load_model("models/model.keras")
+        names = modeling.class_names(model)
+        val = dataset.read_manifest("data/prepared/val.csv", names)
+        batches = dataset.image_dataset(
+            val.paths, image_size=modeling.image_size(model), batch_size=params.evaluate.batch_size
+        )
+        probabilities = evaluation.predict_probabilities(model, batches)
+        metrics = evaluation.write_evaluation(
+            val.paths, val.labels, probabilities, names, params.evaluate, "plots/evaluate"
+        )
+        outputs.write_json(METRICS, metrics)
+        run.log_metrics(tracking.numeric_metrics(metrics))
+        run.log_artifact(METRICS)
+        run.log_artifact("plots/evaluate")
+        run.set_headline(
+            {"val_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_avg"]["f1"]}
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main, "evaluate")

@@ -1,0 +1,34 @@
+"""DVC stage `explain`: model + predictions -> plots/gradcam/, metrics/explain.json."""
+
+from animalcam import explanation, modeling, outputs, tracking
+from animalcam.params import load_params
+from animalcam.stage import run_stage
+
+METRICS = "metrics/explain.json"
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.stage_run("explain", params, model_run_file="models/mlflow_run.json") as run:
+        model = modeling.load_model("models/model.keras")
+        rows = outputs.read_csv("plots/evaluate/predictions.csv")
+        metrics = explanation.explain_predictions(
+            model,
+            rows,
+            modeling.class_names(model),
+            params.explain,
+            "plots/gradcam",
+            seed=params.explain.seed,
+        )
+        outputs.write_json(METRICS, metrics)
+        run.log_metrics(tracking.numeric_metrics(metrics))
+        run.log_artifact(METRICS)
+        run.log_artifact("plots/gradcam")
+        check = metrics["faithfulness"]
+        run.set_headline(
+            {"faithfulness": check["gradcam_drop"], "faithfulness_ratio": check["ratio"]}
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main, "explain")

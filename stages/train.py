@@ -1,0 +1,57 @@
+"""DVC stage `train`: data/prepared -> models/model.keras, metrics/train.json, history.csv."""
+
+from pathlib import Path
+
+from animalcam import outputs, tracking
+from animalcam.dataset import read_classes, read_manifest
+from animalcam.modeling import save_model
+from animalcam.params import load_params
+from animalcam.resume import clear_state
+from animalcam.stage import run_stage
+from animalcam.training import HISTORY_COLUMNS, history_rows, train_model
+
+PREPARED = Path("data/prepared")
+MODEL = "models/model.keras"
+METRICS = "metrics/train.json"
+HISTORY = "plots/train/history.csv"
+# Resume state of an unfinished run. Git-ignored and not a DVC output, so it survives a
+# killed `dvc repro` (DVC deletes a stage's outputs before it reruns the stage).
+STATE_DIR = Path(".train_state")
+
+
+def main() -> None:
+    params = load_params()
+    with tracking.stage_run("train", params) as run:
+        class_names = read_classes(PREPARED / "classes.json")
+        train_set = read_manifest(PREPARED / "train.csv", class_names)
+        val_set = read_manifest(PREPARED / "val.csv", class_names)
+        result = train_model(
+            params.train,
+            class_names,
+            train_set,
+            val_set,
+            state_dir=STATE_DIR,
+            callbacks=[run.keras_callback()],
+        )
+        run.log_history(result.history)  # epochs trained before a resume, if any
+        save_model(result.model, MODEL)
+        outputs.write_json(METRICS, result.metrics)
+        outputs.write_csv(HISTORY, HISTORY_COLUMNS, history_rows(result.history))
+
+        run.log_metrics(tracking.numeric_metrics(result.metrics))
+        run.log_artifact(HISTORY)
+        run.log_artifact(METRICS)
+        val_accuracy = result.metrics["best_val_accuracy"]
+        run.log_model(
+            MODEL,
+            params.mlflow.registered_model,
+            val_accuracy=val_accuracy,
+            example_image=val_set.paths[0],
+        )
+        run.record_model_run("models/mlflow_run.json")
+        run.set_headline({"val_accuracy": val_accuracy})
+    clear_state(STATE_DIR)  # only now: a crash above resumes instead of retraining
+
+
+if __name__ == "__main__":
+    run_stage(main, "train")

@@ -1,0 +1,204 @@
+"""The explain stage's library: example selection, panels and grids as PNG files of the
+expected size, the faithfulness check, and the whole stage on a tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from animalcam.explanation import (
+    PANEL_HEADING_PX,
+    PANEL_TITLE_PX,
+    Explanation,
+    blur_where,
+    explain_predictions,
+    faithfulness,
+    grid_png,
+    panel_cell_size,
+    panel_png,
+    select_examples,
+    top_fraction_mask,
+)
+from animalcam.figures import CELL_PX, TITLE_PX
+from animalcam.layers import ClassProbabilities, Preprocess
+from animalcam.params import params_from_dict
+
+CLASSES = ["cat", "dog", "horse"]
+
+
+def row(path, actual, predicted, confidence):
+    return {"path": path, "actual": actual, "predicted": predicted, "confidence": confidence}
+
+
+PREDICTIONS = [
+    row("c1.jpg", "cat", "cat", "0.99"),
+    row("c2.jpg", "cat", "cat", "0.95"),
+    row("c3.jpg", "cat", "cat", "0.95"),  # tie with c2: path order
+    row("d1.jpg", "dog", "dog", "0.70"),
+    row("d2.jpg", "dog", "dog", "0.90"),
+    row("h1.jpg", "horse", "horse", "0.60"),
+    row("x1.jpg", "dog", "cat", "0.80"),
+    row("x2.jpg", "cat", "horse", "0.97"),
+    row("x3.jpg", "horse", "dog", "0.80"),  # tie with x1: path order
+    row("x4.jpg", "horse", "cat", "0.40"),
+]
+
+
+def test_selection_rule():
+    correct, incorrect = select_examples(PREDICTIONS, 5, 3, CLASSES)
+    # Most confident mistakes first, ties by path.
+    assert [r["path"] for r in incorrect] == ["x2.jpg", "x1.jpg", "x3.jpg"]
+    # Round-robin over classes in class order, each class by confidence then path.
+    assert [r["path"] for r in correct] == ["c1.jpg", "d2.jpg", "h1.jpg", "c2.jpg", "d1.jpg"]
+    assert correct[0]["confidence"] == 0.99  # parsed from the CSV's text
+
+
+def test_selection_is_deterministic_and_bounded():
+    expected = select_examples(PREDICTIONS, 4, 2, CLASSES)
+    shuffled = PREDICTIONS.copy()
+    random.Random(1).shuffle(shuffled)
+    assert select_examples(shuffled, 4, 2, CLASSES) == expected
+    correct, incorrect = select_examples(PREDICTIONS, 100, 100)
+    assert len(correct) == 6 and len(incorrect) == 4  # as many as there are
+    assert select_examples(PREDICTIONS, 0, 0) == ([], [])
+
+
+def png_size(path_or_bytes) -> tuple[int, int]:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def fake_explanation(actual: str, predicted: str, height: int, width: int) -> Explanation:
+    rng = np.random.default_rng(0)
+    mistake = actual != predicted
+    return Explanation(
+        row=row("a.jpg", actual, predicted, 0.9),
+        image=rng.integers(0, 255, (height, width, 3), dtype=np.uint8),
+        model_input=np.zeros((32, 32, 3), np.float32),
+        predicted_index=CLASSES.index(predicted),
+        predicted_heatmap=rng.random((4, 4), dtype=np.float32),
+        predicted_probability=0.9,
+        true_index=CLASSES.index(actual),
+        true_heatmap=rng.random((4, 4), dtype=np.float32) if mistake else None,
+        true_probability=0.05 if mistake else None,
+    )
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 48), (90, 30), (50, 50)])
+def test_panels_keep_the_image_aspect_ratio(height, width):
+    cell_w, cell_h = panel_cell_size(height, width)
+    assert max(cell_w, cell_h) >= 320 and cell_w >= 160
+    assert cell_h / cell_w == pytest.approx(height / width, rel=0.01)
+    extra = PANEL_HEADING_PX + PANEL_TITLE_PX
+    right = panel_png(fake_explanation("cat", "cat", height, width))
+    assert png_size(right) == (3 * cell_w, cell_h + extra)  # original | heatmap | overlay
+    wrong = panel_png(fake_explanation("dog", "cat", height, width))
+    assert png_size(wrong) == (5 * cell_w, cell_h + extra)  # + true class heatmap, overlay
+
+
+def test_grids_have_one_cell_per_heatmap():
+    correct = [fake_explanation("cat", "cat", 32, 48) for _ in range(3)]
+    assert png_size(grid_png(correct)) == (3 * CELL_PX, CELL_PX + TITLE_PX)
+    incorrect = [fake_explanation("dog", "cat", 32, 48) for _ in range(2)]
+    assert png_size(grid_png(incorrect, heading="h")) == (4 * CELL_PX, CELL_PX + TITLE_PX + 40)
+
+
+def test_top_fraction_mask_and_blur():
+    heatmap = np.arange(100, dtype=np.float32).reshape(10, 10)
+    mask = top_fraction_mask(heatmap, 0.2)
+    assert mask.sum() == 20 and mask[8:].all()  # the two hottest rows
+    assert top_fraction_mask(np.zeros((10, 10)), 0.2).sum() == 20  # exact count on ties
+    image = np.zeros((10, 10, 3), np.float32)
+    image[::2] = 255.0  # stripes: blurring flattens them
+    blurred = blur_where(image, mask)
+    np.testing.assert_array_equal(blurred[~mask], image[~mask])
+    assert blurred[mask].std() < image[mask].std()
+
+
+class LeftHalfDetail:
+    """A stand-in classifier: P(class 0) grows with the contrast of the image's left half
+    (which blurring removes); the right half is ignored."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_on_batch(self, images):
+        self.calls.append(len(images))
+        contrast = np.asarray(images)[:, :, :16].std(axis=(1, 2, 3))
+        p0 = np.clip(contrast / 128.0, 0.0, 1.0)
+        return np.stack([p0, 1 - p0], axis=1)
+
+
+def test_faithfulness_prefers_the_right_region():
+    rng = np.random.default_rng(0)
+    inputs = np.where(rng.random((6, 32, 32, 1)) > 0.5, 255.0, 0.0).repeat(3, axis=3)
+    inputs[:, :, 16:] = 128.0  # all the detail, and so all the evidence, on the left
+    heatmaps = np.zeros((6, 4, 4), np.float32)
+    heatmaps[:, :, :2] = 1.0  # a Grad-CAM that points at the left half
+    model = LeftHalfDetail()
+    result = faithfulness(model, inputs.astype(np.float32), heatmaps, [0] * 6, batch_size=4)
+    assert model.calls == [4, 4, 4, 4, 2]  # 6 examples x 3 variants, in batches
+    assert result["samples"] == 6 and result["fraction"] == 0.2
+    assert 0 < result["random_drop"] < result["gradcam_drop"] <= 1
+    assert result["ratio"] == pytest.approx(
+        result["gradcam_drop"] / result["random_drop"], rel=0.01
+    )
+    again = faithfulness(LeftHalfDetail(), inputs.astype(np.float32), heatmaps, [0] * 6)
+    assert again == result  # seeded: the same random regions every run
+    json.dumps(result)
+    assert faithfulness(model, np.zeros((0, 32, 32, 3)), np.zeros((0, 4, 4)), [])["samples"] == 0
+
+
+def tiny_model() -> keras.Model:
+    """animalcam's flat model contract in miniature (random weights)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = Preprocess("rescale", name="preprocess")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="block1_conv1")(x)
+    x = keras.layers.MaxPooling2D(name="block1_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(8, activation="relu", name="dense")(x)
+    x = keras.layers.Dense(len(CLASSES), name="logits")(x)
+    return keras.Model(inputs, ClassProbabilities(CLASSES, name="predictions")(x))
+
+
+def test_explain_stage_writes_panels_grids_and_metrics(tmp_path):
+    rows = []
+    for i, r in enumerate(PREDICTIONS):
+        path = tmp_path / "images" / r["path"].replace(".jpg", ".png")
+        path.parent.mkdir(exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 255, (30, 45, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        rows.append({**r, "path": str(path)})
+    params = params_from_dict(
+        {"explain": {"n_correct": 3, "n_incorrect": 2, "batch_size": 2}}
+    ).explain
+    out = tmp_path / "plots" / "gradcam"
+    metrics = explain_predictions(tiny_model(), rows, CLASSES, params, out)
+
+    assert metrics["layer"] == "block1_conv1"
+    assert metrics["n_correct"] == 3 and metrics["n_incorrect"] == 2
+    assert metrics["faithfulness"]["samples"] == 5
+    json.dumps(metrics)
+    correct = sorted(p.name for p in (out / "correct").iterdir())
+    assert correct == [
+        "00_cat_as_cat.png",
+        "01_dog_as_dog.png",
+        "02_horse_as_horse.png",
+        "grid.png",
+    ]
+    incorrect = sorted(p.name for p in (out / "incorrect").iterdir())
+    assert incorrect == ["00_cat_as_horse.png", "01_dog_as_cat.png", "grid.png"]
+    cell_w, cell_h = panel_cell_size(30, 45)
+    height = cell_h + PANEL_HEADING_PX + PANEL_TITLE_PX
+    assert png_size(out / "correct" / "00_cat_as_cat.png") == (3 * cell_w, height)
+    assert png_size(out / "incorrect" / "01_dog_as_cat.png") == (5 * cell_w, height)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left

@@ -1,0 +1,120 @@
+"""End to end: the whole pipeline with `dvc repro` on tiny images, then what users do next
+(`dvc metrics show`, `dvc plots show`, `dvc exp run -S ...`, the MLflow UI's data)."""
+
+import json
+
+import pytest
+from archive_factory import write_zip
+from conftest import blob_image
+from dvc_project import DvcProject
+from PIL import Image
+from test_pipeline_prepare import encoded
+
+from animalcam.outputs import read_csv
+
+CLASSES = {"cane": "dog", "gatto": "cat", "ragno": "spider"}
+TINY = {
+    "prepare": {"min_side": 16, "min_per_class": 4},
+    "train": {
+        "weights": "none",
+        "image_size": 32,
+        "epochs": 2,
+        "batch_size": 8,
+        "dense_units": 8,
+        "learning_rate": 1e-3,
+        "top_k": 2,
+    },
+    "evaluate": {"batch_size": 8, "top_k": 2, "gallery_size": 4},
+    "explain": {"n_correct": 2, "n_incorrect": 2, "batch_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e-full")
+    files = {
+        f"raw-img/{folder}/{i}.jpg": encoded(blob_image(50 * c + i, (48, 40)), "JPEG")
+        for c, folder in enumerate(CLASSES)
+        for i in range(10)
+    }
+    archive = write_zip(tmp / "animals10.zip", files)
+    project = DvcProject.create(tmp / "repo")
+    project.set_params(data={"source": str(archive)}, **TINY)
+    result = project.repro()
+    return project, result
+
+
+def test_every_stage_runs_and_writes_its_outputs(pipeline):
+    project, result = pipeline
+    root = project.root
+    for stage in ("download", "prepare", "train", "evaluate", "explain"):
+        assert f"Running stage '{stage}'" in result.stdout
+    assert (root / "models/model.keras").is_file()
+    history = read_csv(root / "plots/train/history.csv")
+    assert [r["epoch"] for r in history] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(history[0])
+
+    evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(evaluate["per_class"]) == set(CLASSES.values())
+    for average in ("macro_avg", "weighted_avg"):
+        assert set(evaluate[average]) == {"precision", "recall", "f1"}
+    assert 0 <= evaluate["accuracy"] <= 1
+    predictions = read_csv(root / "plots/evaluate/predictions.csv")
+    val = read_csv(root / "data/prepared/val.csv")
+    assert [p["path"] for p in predictions] == [v["path"] for v in val]
+    assert {"actual", "predicted", "confidence"} <= set(predictions[0])
+    for name in ("confusion.png", "correct.png", "incorrect.png"):
+        assert Image.open(root / "plots/evaluate" / name).size[0] > 100
+
+    explain = json.loads((root / "metrics/explain.json").read_text())
+    assert explain["n_correct"] + explain["n_incorrect"] > 0
+    panels = list((root / "plots/gradcam").rglob("*.png"))
+    assert panels and all(p.parent.name in ("correct", "incorrect") for p in panels)
+    assert not (root / ".train_state").exists()
+
+
+def test_dvc_shows_metrics_and_plots(pipeline):
+    project, _ = pipeline
+    metrics = json.loads(project.run("dvc", "metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert {"metrics/train.json", "metrics/evaluate.json", "metrics/explain.json"} <= set(files)
+    plots = json.loads(project.run("dvc", "plots", "show", "--json").stdout)
+    names = " ".join(plots["data"])
+    for expected in ("Loss", "Accuracy", "confusion matrix", "correct.png", "gradcam"):
+        assert expected in names, names
+
+
+def test_mlflow_holds_one_pipeline_run_with_a_child_per_stage(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    project, _ = pipeline
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("animalcam")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {
+        r.data.tags["mlflow.runName"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"download", "prepare", "train", "evaluate", "explain"}
+    assert parent.data.params["train.epochs"] == "2"
+    assert "val_accuracy" in parent.data.metrics and "macro_f1" in parent.data.metrics
+    history = client.get_metric_history(children["train"].info.run_id, "epoch/val_loss")
+    assert [m.step for m in history] == [1, 2]
+    (version,) = client.search_model_versions("name='animalcam-classifier'")
+    assert float(version.tags["val_accuracy"]) == pytest.approx(
+        json.loads((project.root / "metrics/train.json").read_text())["best_val_accuracy"], abs=1e-4
+    )
+
+
+def test_an_experiment_reruns_only_what_it_touches(pipeline):
+    project, _ = pipeline
+    result = project.run("dvc", "exp", "run", "-S", "explain.alpha=0.6")
+    assert "Running stage 'explain'" in result.stdout
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"Running stage '{stage}'" not in result.stdout
+    diff = project.run("dvc", "params", "diff").stdout
+    assert "explain.alpha" in diff and "0.6" in diff

@@ -1,0 +1,266 @@
+"""Training: the stage's outputs, resume after a kill, callbacks' state, two replicas."""
+
+from __future__ import annotations
+
+import json
+import logging
+import runpy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import pytest
+import tiny_data
+
+from animalcam import dataset, modeling, resume, training
+from animalcam.errors import DataError
+from animalcam.outputs import read_csv
+from animalcam.params import as_dict, params_from_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Small enough to train in seconds on a CPU: 32 px, random init, 8 dense units.
+TINY = {"weights": "none", "image_size": 32, "batch_size": 4, "dense_units": 8}
+
+
+def tiny_params(**overrides):
+    return params_from_dict({"train": {**TINY, **overrides}}).train
+
+
+def splits(root: Path):
+    prepared = tiny_data.write_prepared(root)
+    classes = dataset.read_classes(prepared / "classes.json")
+    train_set = dataset.read_manifest(prepared / "train.csv", classes, root=root)
+    val_set = dataset.read_manifest(prepared / "val.csv", classes, root=root)
+    return classes, train_set, val_set
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised once the state of epoch ``after`` is saved."""
+
+
+class InterruptAfter(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupted(f"killed after epoch {epoch + 1}")
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records which epochs ran and the optimizer's step count when training began."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[int] = []
+        self.start_iterations: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.start_iterations = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_train_stage_writes_model_metrics_and_history(tmp_path, monkeypatch):
+    tiny_data.write_prepared(tmp_path)
+    train = {**TINY, "epochs": 2, "warmup_epochs": 1, "trainable": 1}
+    (tmp_path / "params.yaml").write_text(json.dumps({"train": train}))  # JSON is YAML
+    monkeypatch.chdir(tmp_path)
+    stage = runpy.run_path(str(REPO_ROOT / "stages" / "train.py"), run_name="train_stage")
+
+    stage["main"]()
+
+    history = read_csv("plots/train/history.csv")
+    assert list(history[0]) == list(training.HISTORY_COLUMNS)
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert float(history[0]["lr"]) == pytest.approx(1e-3)  # warm-up learning rate
+    assert float(history[1]["lr"]) == pytest.approx(1e-4)  # then train.learning_rate
+    metrics = json.loads(Path("metrics/train.json").read_text())
+    assert metrics["epochs_run"] == 2
+    assert metrics["best_epoch"] in (1, 2)
+    best = history[metrics["best_epoch"] - 1]
+    assert metrics["best_val_loss"] == pytest.approx(float(best["val_loss"]))
+    assert metrics["best_val_accuracy"] == pytest.approx(float(best["val_accuracy"]))
+    assert metrics["wall_time_s"] > 0 and metrics["train_images_per_s"] > 0
+    head = (512 * 8 + 8) + (8 * 3 + 3)
+    block5 = 3 * (3 * 3 * 512 * 512 + 512)
+    assert metrics["params_trainable"] == head + block5  # trainable: 1 = the top block
+    assert metrics["replicas"] == 1 and metrics["mixed_precision"] is False
+    model = modeling.load_model("models/model.keras")
+    assert modeling.class_names(model) == ["cat", "dog", "horse"]
+    assert model.get_layer("block1_conv1").trainable  # saved without the training freeze
+    assert model.get_layer("block1_conv1").compute_dtype == "float32"
+    assert not Path(".train_state").exists()  # a finished run leaves no resume state
+
+
+def test_training_resumes_after_a_kill_at_the_next_epoch(tmp_path):
+    classes, train_set, val_set = splits(tmp_path)
+    params = tiny_params(epochs=3, trainable="head", learning_rate=1e-3)
+    state_dir = tmp_path / ".train_state"
+
+    with pytest.raises(Interrupted):
+        training.train_model(
+            params,
+            classes,
+            train_set,
+            val_set,
+            state_dir=state_dir,
+            callbacks=[InterruptAfter(epoch=0)],
+        )
+    saved = json.loads((state_dir / resume.STATE_FILE).read_text())
+    assert saved["epochs_done"] == 1
+    first_epoch = saved["history"][0]
+
+    recorder = Recorder()
+    result = training.train_model(
+        params, classes, train_set, val_set, state_dir=state_dir, callbacks=[recorder]
+    )
+
+    assert recorder.epochs == [1, 2]  # 0-based: epochs 2 and 3 ran, epoch 1 did not
+    steps = dataset.steps_per_epoch(len(train_set), params.batch_size)
+    assert recorder.start_iterations == steps  # optimizer state came back too
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]  # each epoch once
+    assert result.history[0] == first_epoch
+    assert result.metrics["resumed_from_epoch"] == 1
+    assert result.metrics["sessions"] == 2
+    assert result.metrics["epochs_run"] == 3
+
+    # Killed after training but before the stage wrote its outputs: nothing trains again.
+    again = Recorder()
+    rerun = training.train_model(
+        params, classes, train_set, val_set, state_dir=state_dir, callbacks=[again]
+    )
+    assert again.epochs == []
+    assert rerun.history == result.history
+    weights = [w.numpy() for w in rerun.model.weights]
+    for a, b in zip(weights, [w.numpy() for w in result.model.weights], strict=True):
+        assert (a == b).all()
+
+
+def test_resume_restores_the_callbacks_counters(tmp_path):
+    state = resume.TrainingState(
+        fingerprint={},
+        epochs_done=4,
+        phase="main",
+        best_val_loss=0.5,
+        callbacks={
+            "early_stopping": {"best": 0.5, "best_epoch": 1, "wait": 2},
+            "reduce_lr": {"best": 0.5, "wait": 1, "cooldown_counter": 0},
+        },
+    )
+    callbacks = {
+        "checkpoint": keras.callbacks.ModelCheckpoint(str(tmp_path / "b.weights.h5")),
+        "early_stopping": keras.callbacks.EarlyStopping(patience=5),
+        "reduce_lr": keras.callbacks.ReduceLROnPlateau(patience=3),
+    }
+
+    for resuming in (True, False):
+        keeper = resume.ResumeCallback(
+            tmp_path,
+            state,
+            **callbacks,
+            phase_end=8,
+            next_phase="done",
+            resuming=resuming,
+            wall_clock_start=0.0,
+            wall_time_before=0.0,
+        )
+        for callback in [*callbacks.values(), keeper]:  # the order fit calls them in
+            callback.on_train_begin()
+
+        assert callbacks["checkpoint"].best == 0.5
+        assert callbacks["early_stopping"].best == 0.5
+        assert callbacks["early_stopping"].best_epoch == 1
+        assert callbacks["reduce_lr"].best == 0.5
+        # Mid-phase the patience counters carry on; a new phase restarts them.
+        assert callbacks["early_stopping"].wait == (2 if resuming else 0)
+        assert callbacks["reduce_lr"].wait == (1 if resuming else 0)
+
+
+def test_state_from_other_params_or_data_is_ignored(tmp_path, caplog):
+    classes, train_set, val_set = splits(tmp_path)
+    params = tiny_params()
+    state_dir = tmp_path / "state"
+    saved = resume.fingerprint(as_dict(params), classes, train_set, val_set)
+    resume.save_state(state_dir, resume.TrainingState(fingerprint=saved, epochs_done=1))
+
+    assert resume.load_state(state_dir, saved).epochs_done == 1
+    with caplog.at_level(logging.WARNING):
+        other_params = as_dict(tiny_params(learning_rate=1e-3, epochs=20))
+        assert (
+            resume.load_state(
+                state_dir, resume.fingerprint(other_params, classes, train_set, val_set)
+            )
+            is None
+        )
+        fewer = dataset.Manifest(train_set.paths[1:], train_set.labels[1:], train_set.sizes[1:])
+        assert (
+            resume.load_state(
+                state_dir, resume.fingerprint(as_dict(params), classes, fewer, val_set)
+            )
+            is None
+        )
+    assert "train params changed (train.epochs, train.learning_rate)" in caplog.text
+    assert "the prepared data changed" in caplog.text
+
+
+def test_balanced_class_weights():
+    weights = training.class_weights([0, 0, 0, 1], ["cat", "dog"])
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+    with pytest.raises(DataError, match="horse have no training images"):
+        training.class_weights([0, 1], ["cat", "dog", "horse"])
+
+
+def test_single_cpu_uses_the_default_strategy_and_float32():
+    assert training.select_strategy().num_replicas_in_sync == 1
+    assert training.resolve_policy("auto") == "float32"  # no GPU here
+    assert training.resolve_policy("off") == "float32"
+    assert training.resolve_policy("on") == "mixed_float16"
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+
+# Two logical CPUs stand in for two GPUs; this must happen before TF initialises.
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_training import splits, tiny_params
+from animalcam import modeling, training
+
+root = Path({root!r})
+classes, train_set, val_set = splits(root)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+params = tiny_params(epochs=1, trainable="head", mixed_precision="on")
+result = training.train_model(params, classes, train_set, val_set,
+                              state_dir=root / "state", strategy=strategy)
+modeling.save_model(result.model, root / "model.keras")
+print(json.dumps(result.metrics))
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path):
+    script = textwrap.dedent(MIRRORED_SCRIPT).format(tests=str(TESTS), root=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert metrics["replicas"] == 2
+    assert metrics["mixed_precision"] is True
+    assert metrics["epochs_run"] == 1
+    model = modeling.load_model(tmp_path / "model.keras")
+    assert model.get_layer("dense").compute_dtype == "float32"  # exported as float32

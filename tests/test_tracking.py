@@ -33,7 +33,7 @@ from test_serving import (
     wait_until_up,
 )
 
-from animalcam import tracking
+from animalcam import provenance, tracking
 from animalcam.errors import AnimalcamError, SourceNotFoundError
 from animalcam.params import params_from_dict
 
@@ -483,15 +483,15 @@ def test_stages_under_one_dvc_process_share_a_key(tmp_path):
     runs = [subprocess.Popen([str(fake_dvc)], start_new_session=True) for _ in range(2)]
     try:
         stages = [wait_for_children(run.pid, 2) for run in runs]
-        keys = [[tracking.dvc_ancestor_key(child) for child in pair] for pair in stages]
+        keys = [[provenance.dvc_ancestor_key(child) for child in pair] for pair in stages]
         assert keys[0][0] == keys[0][1] and keys[0][0].startswith("dvc-")
         assert keys[1][0] == keys[1][1] != keys[0][0]
     finally:
         for run in runs:
             os.killpg(run.pid, 9)
             run.wait(timeout=10)
-    assert tracking.dvc_ancestor_key(os.getpid()) is None
-    assert tracking.execution_key() is None  # not run by DVC
+    assert provenance.dvc_ancestor_key(os.getpid()) is None
+    assert provenance.execution_key() is None  # not run by DVC
 
 
 def wait_for_children(pid: int, count: int) -> list[int]:
@@ -505,17 +505,19 @@ def wait_for_children(pid: int, count: int) -> list[int]:
 
 
 def test_path_version_uses_the_lock_while_it_matches_the_disk(workspace):
-    assert tracking.path_version("data/prepared") == "bbbb2222.dir"
+    assert provenance.path_version("data/prepared") == "bbbb2222.dir"
     (workspace / "data/prepared/images/b.png").write_bytes(b"new")  # lock now stale
-    fallback = tracking.path_version("data/prepared")
+    fallback = provenance.path_version("data/prepared")
     assert fallback.startswith("manifest:")
     (workspace / "data/prepared/val.csv").write_text("path,label\n")
-    assert tracking.path_version("data/prepared") not in (fallback, "bbbb2222.dir")
+    assert provenance.path_version("data/prepared") not in (fallback, "bbbb2222.dir")
     (workspace / "data/raw/cat/2.png").write_bytes(b"more")
-    assert tracking.path_version("data/raw").startswith("listing:")
+    assert provenance.path_version("data/raw").startswith("listing:")
     script = workspace / "stages/train.py"
-    assert tracking.path_version("stages/train.py") == hashlib.md5(script.read_bytes()).hexdigest()
-    assert tracking.path_version("nothing/here") == "missing"
+    assert (
+        provenance.path_version("stages/train.py") == hashlib.md5(script.read_bytes()).hexdigest()
+    )
+    assert provenance.path_version("nothing/here") == "missing"
 
 
 def test_flatten_params_spells_values_as_params_yaml():
@@ -536,20 +538,21 @@ def test_git_state_ignores_dvc_lock(tmp_path):
     (tmp_path / ".gitignore").write_text("\n")
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "c")
-    state = tracking.git_state(tmp_path)
+    state = provenance.git_state(tmp_path)
     assert len(state["git.commit"]) == 40 and state["git.dirty"] == "false"
     (tmp_path / "dvc.lock").write_text("y\n")  # DVC rewrites these during a run
     (tmp_path / ".gitignore").write_text("/outs\n")
-    assert tracking.git_state(tmp_path)["git.dirty"] == "false"
+    assert provenance.git_state(tmp_path)["git.dirty"] == "false"
     (tmp_path / "params.yaml").write_text("a: 2\n")
-    state = tracking.git_state(tmp_path)
+    state = provenance.git_state(tmp_path)
     assert state["git.dirty"] == "true" and state["git.dirty_files"] == "params.yaml"
 
 
 def test_versions_and_devices_do_not_import_tensorflow():
     code = (
-        "import sys; from animalcam import tracking; v = tracking.package_versions(); "
-        "print(tracking.devices_used()); print('tensorflow' in sys.modules)"
+        "import sys; from animalcam import provenance, tracking; "
+        "v = provenance.package_versions(); print(provenance.devices_used()); "
+        "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

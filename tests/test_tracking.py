@@ -5,6 +5,7 @@ real `mlflow server` on localhost (started here, one per module)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -55,32 +56,39 @@ def sqlite_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-@pytest.fixture(scope="module")
-def server_uri(tmp_path_factory):
-    """A real `mlflow server` on a free localhost port, proxying artifacts to tmp."""
-    root = tmp_path_factory.mktemp("server")
+@contextlib.contextmanager
+def local_server(args: list[str], env: dict, health: str, log: Path):
+    """Run an MLflow command that serves HTTP on a free localhost port; yield its URL."""
     port = free_port()
-    log = root / "server.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
-                *("--port", str(port), "--workers", "1"),
-                *("--backend-store-uri", f"sqlite:///{root / 'server.db'}"),
-                *("--artifacts-destination", str(root / "artifacts")),
-            ],
-            # No background job runner: the tests need only the REST API and artifacts.
-            env={**subprocess_env(""), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            [*args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{url}/health", server, log, timeout_s=120)
+        wait_until_up(f"{url}{health}", server, log, timeout_s=120)
         yield url
     finally:
         stop(server)
+
+
+@pytest.fixture(scope="module")
+def server_uri(tmp_path_factory):
+    """A real `mlflow server` on a free localhost port, proxying artifacts to tmp."""
+    root = tmp_path_factory.mktemp("server")
+    args = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{root / 'server.db'}"),
+        *("--artifacts-destination", str(root / "artifacts")),
+    ]
+    # No background job runner: the tests need only the REST API and artifacts.
+    env = {**subprocess_env(""), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with local_server(args, env, "/health", root / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -325,23 +333,11 @@ def test_model_serve_answers_rest_invocations_with_an_image(server_uri, server_p
     """`mlflow models serve -m models:/<name>/1 --env-manager local`, model fetched
     through the tracking server, answers POST /invocations with base64 images."""
     name = server_pipeline["params"].mlflow.registered_model
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/1"),
-                *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)),
-                *("--workers", "1"),
-            ],
-            env=subprocess_env(server_uri),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/ping", server, log, timeout_s=120)
+    args = [
+        *(sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/1"),
+        *("--env-manager", "local"),
+    ]
+    with local_server(args, subprocess_env(server_uri), "/ping", tmp_path / "serve.log") as url:
         images = [image_bytes(BLUE), image_bytes(RED, fmt="JPEG")]
         payload = {
             "dataframe_split": {
@@ -357,8 +353,6 @@ def test_model_serve_answers_rest_invocations_with_an_image(server_uri, server_p
         assert rows[0]["prob_dog"] == pytest.approx(rows[0]["confidence"])
         not_an_image = {"dataframe_split": {"columns": ["image"], "data": [["aGVsbG8="]]}}
         assert requests.post(f"{url}/invocations", json=not_an_image, timeout=60).status_code == 400
-    finally:
-        stop(server)
 
 
 # --- Parents outside a DVC execution, forced parents, failures -----------------------------

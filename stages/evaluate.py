@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: model + validation split -> metrics/evaluate.json, plots/evaluate/."""
 
-from animalcam import dataset, evaluation, modeling, outputs, tracking
+from animalcam import dataset, evaluation, image_cache, modeling, outputs, tracking
 from animalcam.params import load_params
 from animalcam.stage import run_stage
 
@@ -13,8 +13,13 @@ def main() -> None:
         model = modeling.load_model("models/model.keras")
         names = modeling.class_names(model)
         val = dataset.read_manifest("data/prepared/val.csv", names)
-        batches = dataset.image_dataset(
-            val.paths, image_size=modeling.image_size(model), batch_size=params.evaluate.batch_size
+        # The cache stage's images when they fit the model (size, split), else the files.
+        batches = image_cache.cached_or_files(
+            "data/cache",
+            "val",
+            val,
+            image_size=modeling.image_size(model),
+            batch_size=params.evaluate.batch_size,
         )
         probabilities = evaluation.predict_probabilities(model, batches)
         metrics = evaluation.write_evaluation(

@@ -11,6 +11,7 @@ from animalcam.stage import run_stage
 from animalcam.training import HISTORY_COLUMNS, history_rows, train_model
 
 PREPARED = Path("data/prepared")
+CACHE = Path("data/cache")  # the cache stage's output, read when train.input is "cache"
 MODEL = "models/model.keras"
 METRICS = "metrics/train.json"
 HISTORY = "plots/train/history.csv"
@@ -32,6 +33,7 @@ def main() -> None:
             val_set,
             state_dir=STATE_DIR,
             callbacks=[run.keras_callback()],
+            cache_dir=CACHE,
         )
         run.log_history(result.history)  # epochs trained before a resume, if any
         save_model(result.model, MODEL)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tiny_data
 from PIL import Image
 
@@ -146,8 +147,15 @@ def test_shuffling_depends_on_seed_and_epoch_only(tmp_path):
     assert dataset.steps_per_epoch(12, 5) == 3
 
 
-def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training():
-    augment = dataset.augmentation(AugmentParams(), seed=3)
+@pytest.mark.parametrize(
+    ("fused", "layers"),
+    [
+        (True, ["RandomAffine"]),  # all five transforms in one resampling per image
+        (False, ["RandomRotation", "RandomTranslation", "RandomShear", "RandomZoom", "RandomFlip"]),
+    ],
+)
+def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training(fused, layers):
+    augment = dataset.augmentation(AugmentParams(fused=fused), seed=3)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
 
@@ -157,14 +165,17 @@ def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training():
     assert trained.shape == images.shape and trained.dtype == np.float32
     assert not np.allclose(trained, images)
     np.testing.assert_array_equal(inferred, images)
-    assert [type(layer).__name__ for layer in augment.layers] == [
-        "RandomRotation",
-        "RandomTranslation",
-        "RandomShear",
-        "RandomZoom",
-        "RandomFlip",
-    ]
-    off = AugmentParams(rotation=0, translate=0, shear=0, zoom=0, horizontal_flip=False)
+    assert [type(layer).__name__ for layer in augment.layers] == layers
+    flip_only = dataset.augmentation(
+        AugmentParams(rotation=0, translate=0, shear=0, zoom=0, horizontal_flip=True, fused=fused),
+        seed=3,
+    )
+    flipped = np.asarray(flip_only(images, training=True))
+    for image, out in zip(images, flipped, strict=True):
+        assert np.allclose(out, image, atol=1e-3) or np.allclose(out, image[:, ::-1], atol=1e-3)
+    off = AugmentParams(
+        rotation=0, translate=0, shear=0, zoom=0, horizontal_flip=False, fused=fused
+    )
     assert dataset.augmentation(off, seed=3) is None
 
 
@@ -188,3 +199,10 @@ def test_empty_or_mismatched_inputs_are_data_errors():
         dataset.image_dataset([], image_size=8, batch_size=2)
     with pytest.raises(DataError, match="2 paths but 1 labels"):
         dataset.image_dataset(["a.png", "b.png"], [0], image_size=8, batch_size=2)
+
+
+def test_autotune_switch_sets_the_pipeline_options():
+    ds = tf.data.Dataset.range(3)
+    assert dataset.with_autotune(ds, False).options().autotune.enabled is False
+    assert dataset.with_autotune(ds, True).options().autotune.enabled is True
+    assert list(dataset.with_autotune(ds, False).as_numpy_iterator()) == [0, 1, 2]

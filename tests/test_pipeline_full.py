@@ -47,8 +47,10 @@ def pipeline(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_outputs(pipeline):
     project, result = pipeline
     root = project.root
-    for stage in ("download", "prepare", "train", "evaluate", "explain"):
+    for stage in ("download", "prepare", "cache", "train", "evaluate", "explain"):
         assert f"Running stage '{stage}'" in result.stdout
+    assert (root / "data/cache/index.json").is_file()
+    assert json.loads((root / "metrics/train.json").read_text())["input"] == "cache"
     assert (root / "models/model.keras").is_file()
     history = read_csv(root / "plots/train/history.csv")
     assert [r["epoch"] for r in history] == ["1", "2"]
@@ -99,7 +101,7 @@ def test_mlflow_holds_one_pipeline_run_with_a_child_per_stage(pipeline):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"download", "prepare", "train", "evaluate", "explain"}
+    assert set(children) == {"download", "prepare", "cache", "train", "evaluate", "explain"}
     assert parent.data.params["train.epochs"] == "2"
     assert "val_accuracy" in parent.data.metrics and "macro_f1" in parent.data.metrics
     history = client.get_metric_history(children["train"].info.run_id, "epoch/val_loss")
@@ -114,7 +116,7 @@ def test_an_experiment_reruns_only_what_it_touches(pipeline):
     project, _ = pipeline
     result = project.run("dvc", "exp", "run", "-S", "explain.alpha=0.6")
     assert "Running stage 'explain'" in result.stdout
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "cache", "train", "evaluate"):
         assert f"Running stage '{stage}'" not in result.stdout
     diff = project.run("dvc", "params", "diff").stdout
     assert "explain.alpha" in diff and "0.6" in diff

@@ -71,8 +71,10 @@ def test_train_stage_writes_model_metrics_and_history(tmp_path, monkeypatch):
     train = {**TINY, "epochs": 2, "warmup_epochs": 1, "trainable": 1}
     (tmp_path / "params.yaml").write_text(json.dumps({"train": train}))  # JSON is YAML
     monkeypatch.chdir(tmp_path)
+    cache = runpy.run_path(str(REPO_ROOT / "stages" / "cache.py"), run_name="cache_stage")
     stage = runpy.run_path(str(REPO_ROOT / "stages" / "train.py"), run_name="train_stage")
 
+    cache["main"]()  # data/cache: the images train reads (train.input: cache)
     stage["main"]()
 
     history = read_csv("plots/train/history.csv")
@@ -91,6 +93,8 @@ def test_train_stage_writes_model_metrics_and_history(tmp_path, monkeypatch):
     block5 = 3 * (3 * 3 * 512 * 512 + 512)
     assert metrics["params_trainable"] == head + block5  # trainable: 1 = the top block
     assert metrics["replicas"] == 1 and metrics["mixed_precision"] is False
+    assert metrics["input"] == "cache"
+    assert metrics["feature_cache_phases"] == "warmup"  # head-only warm-up on features
     model = modeling.load_model("models/model.keras")
     assert modeling.class_names(model) == ["cat", "dog", "horse"]
     assert model.get_layer("block1_conv1").trainable  # saved without the training freeze

@@ -127,12 +127,39 @@ def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:
-    """The study's ImageDataGenerator transforms as Keras layers (None when all are off).
+    """The study's ImageDataGenerator transforms as a Keras model (None when all are off).
 
-    Rotation (degrees), translation, shear and zoom (fractions) are drawn independently
-    per image; gaps are filled with the nearest edge pixel, as ImageDataGenerator did.
-    The layers only transform when called with ``training=True``.
+    Rotation (degrees), translation, shear and zoom (fractions) and the horizontal flip
+    are drawn independently per image; gaps are filled with the nearest edge pixel, as
+    ImageDataGenerator did. With ``params.fused`` they are applied as ONE affine
+    resampling per image (:class:`RandomAffine`); otherwise as Keras' own
+    RandomRotation, RandomTranslation, RandomShear, RandomZoom and RandomFlip layers,
+    which resample every image five times, about 5x slower on a CPU (see
+    docs/benchmarks.md). Either only transforms when called with ``training=True``.
     """
+    if not (
+        params.rotation > 0
+        or params.translate > 0
+        or params.shear > 0
+        or params.zoom > 0
+        or params.horizontal_flip
+    ):
+        return None
+    if params.fused:
+        layer = RandomAffine(
+            rotation=params.rotation,
+            translate=params.translate,
+            shear=params.shear,
+            zoom=params.zoom,
+            horizontal_flip=params.horizontal_flip,
+            seed=seed,
+            name="random_affine",
+        )
+        return keras.Sequential([layer], name="augment")
+    return keras.Sequential(_keras_augmentation_layers(params, seed), name="augment")
+
+
+def _keras_augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.Layer]:
     fill = {"fill_mode": "nearest", "dtype": "float32"}
     layers: list[keras.layers.Layer] = []
     if params.rotation > 0:
@@ -150,9 +177,93 @@ def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:
         layers.append(keras.layers.RandomZoom(params.zoom, seed=seed + 3, **fill))
     if params.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 4, dtype="float32"))
-    if not layers:
-        return None
-    return keras.Sequential(layers, name="augment")
+    return layers
+
+
+class RandomAffine(keras.layers.Layer):
+    """Random rotation, translation, shear, zoom and horizontal flip in one resampling.
+
+    For each image, output pixel ``p`` (centred coordinates) reads input pixel
+    ``R(theta) . Shear(sx, sy) . Zoom(z) . Flip . p + t`` with theta uniform in
+    +-``rotation`` degrees, sx, sy uniform in +-``shear``, z uniform in
+    [1 - zoom, 1 + zoom], t uniform in +-``translate`` of the side, and a flip with
+    probability 1/2. TensorFlow ops only, so it runs inside tf.data maps.
+    """
+
+    def __init__(
+        self,
+        rotation: float = 0.0,
+        translate: float = 0.0,
+        shear: float = 0.0,
+        zoom: float = 0.0,
+        horizontal_flip: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.rotation = rotation
+        self.translate = translate
+        self.shear = shear
+        self.zoom = zoom
+        self.horizontal_flip = horizontal_flip
+        self.seed = seed
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        images = tf.convert_to_tensor(images, tf.float32)
+        shape = tf.shape(images)
+        n, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+        seed = self.seed
+
+        def uniform(low, high, k):
+            op_seed = None if seed is None else seed * 10 + k
+            return tf.random.uniform([n], low, high, seed=op_seed)
+
+        theta = uniform(-self.rotation, self.rotation, 1) * (np.pi / 180.0)
+        sx = uniform(-self.shear, self.shear, 2)
+        sy = uniform(-self.shear, self.shear, 3)
+        z = uniform(1.0 - self.zoom, 1.0 + self.zoom, 4)
+        tx = uniform(-self.translate, self.translate, 5) * width
+        ty = uniform(-self.translate, self.translate, 6) * height
+        flip = tf.ones([n])
+        if self.horizontal_flip:
+            flip = tf.where(uniform(0.0, 1.0, 7) < 0.5, -1.0, 1.0)
+        cos, sin = tf.cos(theta), tf.sin(theta)
+        # Shear(sx, sy) = [[1, sx], [0, 1]] . [[1, 0], [sy, 1]]; Zoom . Flip = diag(z f, z).
+        s00, s01, s10, s11 = 1.0 + sx * sy, sx, sy, tf.ones([n])
+        r00, r01 = cos * s00 - sin * s10, cos * s01 - sin * s11
+        r10, r11 = sin * s00 + cos * s10, sin * s01 + cos * s11
+        a00, a01 = r00 * z * flip, r01 * z
+        a10, a11 = r10 * z * flip, r11 * z
+        # Centre the transform: input = A (p - c) + c + t.
+        cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+        b0 = cx + tx - a00 * cx - a01 * cy
+        b1 = cy + ty - a10 * cx - a11 * cy
+        zeros = tf.zeros([n])
+        transforms = tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=transforms,
+            output_shape=shape[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="NEAREST",
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "rotation": self.rotation,
+            "translate": self.translate,
+            "shear": self.shear,
+            "zoom": self.zoom,
+            "horizontal_flip": self.horizontal_flip,
+            "seed": self.seed,
+        }
 
 
 def image_dataset(
@@ -202,6 +313,13 @@ def training_batches(
     source = _Source(paths, labels, image_size, batch_size, num_classes, True, seed, augment)
     epochs = tf.data.Dataset.range(first_epoch, end_epoch)
     return epochs.flat_map(source.epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def with_autotune(ds: tf.data.Dataset, enabled: bool) -> tf.data.Dataset:
+    """``ds`` with tf.data's autotuning (parallelism, buffer sizes) on or off (train.autotune)."""
+    options = tf.data.Options()
+    options.autotune.enabled = enabled
+    return ds.with_options(options)
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:

@@ -111,6 +111,9 @@ class AugmentParams:
     shear: float = 0.2  # shear intensity, either way
     zoom: float = 0.2  # fraction, in or out
     horizontal_flip: bool = True
+    # true: all five in one resampling per image (animalcam.dataset.RandomAffine, about
+    # 5x faster on a CPU); false: Keras' own RandomRotation ... RandomFlip layers in a row.
+    fused: bool = True
 
     def check(self, prefix: str) -> None:
         _check(
@@ -152,7 +155,31 @@ class TrainParams:
     min_lr: float = 1e-7
     # "auto": float16 compute on a GPU, float32 elsewhere; "on"/"off" force it.
     mixed_precision: str = "auto"
+    # XLA for the full model (backbone + head). Off: on a CPU compiling VGG16 costs more
+    # than it saves and the last, smaller batch compiles twice; worth trying on a GPU.
     xla: bool = False
+    # --- Speed (docs/benchmarks.md). None of these changes what the model learns, except
+    # feature_copies, which sets how much augmentation the head-only epochs see.
+    # "cache": read the prepared-image cache (data/cache, decoded and resized once by the
+    # cache stage); "files": decode and resize the original files every epoch.
+    input: str = "cache"
+    # Images in the shuffle buffer when reading the cache (records are read in sequence,
+    # so the shuffle is a buffer, plus a shuffled shard order); ~150 KB each in memory.
+    shuffle_buffer: int = 2048
+    # "auto": epochs with a frozen backbone (trainable: head, or warm-up) train the head on
+    # backbone features computed once per image, instead of running the backbone every
+    # epoch; "off": always run the whole model.
+    feature_cache: str = "auto"
+    # Feature sets computed per training image for those epochs: the first without
+    # augmentation, the others with train.augment; epoch e uses set e mod feature_copies.
+    # 1 = no augmentation for the head (fastest); each extra copy costs one backbone pass.
+    feature_copies: int = 2
+    # XLA for the head-only fast path: a small dense graph that compiles in a second.
+    head_xla: bool = True
+    # tf.data's autotuning of parallelism and buffer sizes (off: fixed, for debugging).
+    autotune: bool = True
+    # With one GPU, stage the next batches in GPU memory while the current one trains.
+    prefetch_to_device: bool = True
 
     def check(self, prefix: str) -> None:
         from animalcam.backbones import BACKBONES  # the registry names the allowed values
@@ -221,10 +248,49 @@ class TrainParams:
             "'none' or 'balanced'",
         )
         _check(
+            self.input in ("cache", "files"), f"{prefix}.input", self.input, "'cache' or 'files'"
+        )
+        _check(
+            self.feature_cache in ("auto", "off"),
+            f"{prefix}.feature_cache",
+            self.feature_cache,
+            "'auto' or 'off'",
+        )
+        for name in ("shuffle_buffer", "feature_copies"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "an integer >= 1")
+        _check(
             self.mixed_precision in ("auto", "on", "off"),
             f"{prefix}.mixed_precision",
             self.mixed_precision,
             "'auto', 'on' or 'off'",
+        )
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """The prepared-image cache (data/cache): each usable image decoded and resized once,
+    to train.image_size, so that train and evaluate never decode the originals again."""
+
+    # "jpeg": re-encoded at `quality` (about 25 KB an image at 224 px, so the 26k images
+    # take ~0.6 GB; decoding a 224 px JPEG is far cheaper than a full-size original).
+    # "raw": uint8 pixels (150 KB an image at 224 px), exact, no decoding at all.
+    encoding: str = "jpeg"
+    quality: int = 95  # JPEG quality; 95 keeps pixels within a few levels of the resize
+    shard_images: int = 1024  # images per TFRecord shard (shuffled shard order per epoch)
+
+    def check(self, prefix: str) -> None:
+        _check(
+            self.encoding in ("jpeg", "raw"),
+            f"{prefix}.encoding",
+            self.encoding,
+            "'jpeg' or 'raw'",
+        )
+        _check(
+            1 <= self.quality <= 100, f"{prefix}.quality", self.quality, "an integer in [1, 100]"
+        )
+        _check(
+            self.shard_images >= 1, f"{prefix}.shard_images", self.shard_images, "an integer >= 1"
         )
 
 
@@ -280,6 +346,7 @@ class MlflowParams:
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    cache: CacheParams = field(default_factory=CacheParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     explain: ExplainParams = field(default_factory=ExplainParams)

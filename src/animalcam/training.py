@@ -12,6 +12,13 @@ the backbone frozen at ``train.warmup_learning_rate``), then the main phase with
 starting from the best weights so far. Epochs are counted across phases, so
 ``train.epochs`` is the total. ModelCheckpoint, EarlyStopping and ReduceLROnPlateau
 watch val_loss over the whole run.
+
+Speed (docs/benchmarks.md): images come from the prepared-image cache
+(animalcam.image_cache) when ``train.input`` is "cache" and a cache directory is given;
+a phase with the backbone frozen trains the head on backbone features computed once
+(animalcam.features) unless ``train.feature_cache`` is "off". Resume works in both
+paths: a fast-path phase's per-epoch state holds the head and its optimizer, its best
+checkpoints the full model.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from animalcam import modeling, resume
+from animalcam import features, image_cache, modeling, resume
 from animalcam.dataset import (
     Manifest,
     augmentation,
     image_dataset,
     steps_per_epoch,
     training_batches,
+    with_autotune,
 )
 from animalcam.errors import DataError, ModelError, ParamsError
 from animalcam.params import TrainParams
@@ -69,11 +77,19 @@ class _Phase:
     learning_rate: float
 
 
-def select_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
+def select_strategy(prefetch_to_device: bool = True) -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs when there are several; with one GPU and
+    ``prefetch_to_device``, OneDeviceStrategy on it; else the default strategy.
+
+    Keras hands the input pipeline to ``strategy.experimental_distribute_dataset``: under
+    OneDeviceStrategy (and MirroredStrategy, per replica) that copies the next batches
+    to the GPU while the current one trains, i.e. prefetch to device.
+    """
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
+    if len(gpus) == 1 and prefetch_to_device:
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
     return tf.distribute.get_strategy()
 
 
@@ -141,6 +157,7 @@ def train_model(
     state_dir: str | Path,
     strategy: tf.distribute.Strategy | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train on ``train_set``, validate on ``val_set``; resume from ``state_dir`` if it fits.
 
@@ -150,8 +167,14 @@ def train_model(
     has. To trade GPUs for speed, raise ``train.batch_size`` (and usually
     ``train.learning_rate``) explicitly, which DVC then records. ``callbacks`` run after
     animalcam's own (e.g. experiment tracking; ``logs`` then hold this epoch's metrics).
+    ``cache_dir``: the cache stage's output, read when ``train.input`` is "cache" (None:
+    decode the image files).
     """
     run = _Session.start(params, class_names, train_set, val_set, Path(state_dir), strategy)
+    if params.input == "cache" and cache_dir is not None:
+        run.train_cache = image_cache.open_split(cache_dir, "train", train_set, params.image_size)
+        run.val_cache = image_cache.open_split(cache_dir, "val", val_set, params.image_size)
+        log.info("reading images from the cache in %s", cache_dir)
     if run.state.phase != "done":
         keras.utils.set_random_seed(params.seed)
         with run.strategy.scope():
@@ -225,11 +248,17 @@ class _Session:
     started: float  # time.monotonic() when this session began
     wall_before: float  # seconds earlier sessions spent on this run
     resumed_from: int  # epochs done when this session began
+    train_cache: image_cache.CachedSplit | None = None
+    val_cache: image_cache.CachedSplit | None = None
+    # Backbone features of (train copies, val), computed by the first fast-path phase.
+    _features: tuple[np.ndarray, np.ndarray] | None = None
+    feature_seconds: float = 0.0
+    fast_phases: tuple[str, ...] = ()
 
     @classmethod
     def start(cls, params, class_names, train_set, val_set, state_dir, strategy) -> _Session:
         started = time.monotonic()
-        strategy = strategy or select_strategy()
+        strategy = strategy or select_strategy(params.prefetch_to_device)
         replicas = strategy.num_replicas_in_sync
         if params.batch_size < replicas:
             raise ParamsError(
@@ -280,29 +309,46 @@ class _Session:
         )
 
     def fit_phase(self, model, phase: _Phase, next_phase: str, callbacks) -> None:
-        """Fit ``model`` through one phase, saving resume state after every epoch."""
+        """Fit ``model`` through one phase, saving resume state after every epoch.
+
+        A phase with the backbone frozen fits :func:`features.head_model` (the full
+        model's head layers) on precomputed features, unless ``train.feature_cache`` is
+        "off"; it then checkpoints the full model all the same.
+        """
         params, state = self.params, self.state
         resuming = state.epochs_done > state.phase_start
         trainable = modeling.set_trainable(model, phase.trainable)
+        fast = params.feature_cache == "auto" and phase.trainable == "head"
         with self.strategy.scope():
+            # Keras models remember the strategy they were created under.
+            fitted = features.head_model(model) if fast else model
             compile_model(
-                model,
+                fitted,
                 phase.learning_rate,
                 label_smoothing=params.label_smoothing,
                 top_k=self.top_k,
-                jit_compile=params.xla,
+                # XLA under MirroredStrategy fails on replica variables ("Trying to
+                # access resource ... located in device"): the head compiles only alone.
+                jit_compile=(
+                    params.head_xla and self.strategy.num_replicas_in_sync == 1
+                    if fast
+                    else params.xla
+                ),
             )
             if resuming:
-                # Mid-phase: weights AND optimizer state (moments, step, reduced lr).
-                model.optimizer.build(model.trainable_variables)
-                model.load_weights(self.state_dir / state.latest_weights)
+                # Mid-phase: weights AND optimizer state (moments, step, reduced lr) of
+                # what this phase fits (the head alone on the fast path).
+                fitted.optimizer.build(fitted.trainable_variables)
+                fitted.load_weights(self.state_dir / state.latest_weights)
             elif state.best_weights is not None:
                 # A new phase starts from the best weights so far, with a fresh optimizer.
+                optimizer = getattr(model, "optimizer", None)
                 model.load_weights(
-                    self.state_dir / state.best_weights, objects_to_skip=[model.optimizer]
+                    self.state_dir / state.best_weights,
+                    objects_to_skip=[optimizer] if optimizer is not None else None,
                 )
         log.info(
-            "phase %s: epochs %d-%d, trainable %s (%d parameters), learning rate %g%s",
+            "phase %s: epochs %d-%d, trainable %s (%d parameters), learning rate %g%s%s",
             phase.name,
             state.epochs_done + 1,
             phase.end,
@@ -310,13 +356,15 @@ class _Session:
             trainable,
             phase.learning_rate,
             " (resumed)" if resuming else "",
+            ", head on cached backbone features" if fast else "",
         )
         if state.epochs_done >= phase.end:
             state.phase, state.phase_start = next_phase, state.epochs_done
             resume.save_state(self.state_dir, state)
             return
 
-        checkpoint = keras.callbacks.ModelCheckpoint(
+        checkpoint = _FullModelCheckpoint(
+            model,
             str(self.state_dir / resume.BEST_PATTERN),
             monitor="val_loss",
             save_best_only=True,
@@ -347,28 +395,12 @@ class _Session:
             wall_clock_start=self.started,
             wall_time_before=self.wall_before,
         )
-        n_classes = len(self.class_names)
-        train_ds = training_batches(
-            self.train_set.paths,
-            self.train_set.labels,
-            image_size=params.image_size,
-            batch_size=params.batch_size,
-            num_classes=n_classes,
-            seed=params.seed,
-            first_epoch=state.epochs_done,
-            end_epoch=phase.end,
-            # A resumed session draws new augmentations (seeded by where it resumes)
-            # rather than replaying those of the first epochs.
-            augment=augmentation(params.augment, seed=params.seed + 1000 * state.epochs_done),
-        )
-        val_ds = image_dataset(
-            self.val_set.paths,
-            self.val_set.labels,
-            image_size=params.image_size,
-            batch_size=params.batch_size,
-            num_classes=n_classes,
-        )
-        model.fit(
+        if fast:
+            train_ds, val_ds = self._feature_streams(model, state.epochs_done, phase.end)
+            self.fast_phases = (*self.fast_phases, phase.name)
+        else:
+            train_ds, val_ds = self._image_streams(state.epochs_done, phase.end)
+        fitted.fit(
             train_ds,
             steps_per_epoch=steps_per_epoch(len(self.train_set), params.batch_size),
             epochs=phase.end,
@@ -380,6 +412,114 @@ class _Session:
             # A progress bar in a terminal, one line per epoch in logs (dvc repro, CI).
             verbose=1 if sys.stdout.isatty() else 2,
         )
+
+    def _image_streams(self, first_epoch: int, end_epoch: int):
+        """(training batches, validation batches) of images, from the cache or the files."""
+        params, n_classes = self.params, len(self.class_names)
+        # A resumed session draws new augmentations (seeded by where it resumes) rather
+        # than replaying those of the first epochs.
+        augment = augmentation(params.augment, seed=params.seed + 1000 * first_epoch)
+        if self.train_cache is not None and self.val_cache is not None:
+            train_ds = image_cache.cached_training_batches(
+                self.train_cache,
+                batch_size=params.batch_size,
+                num_classes=n_classes,
+                seed=params.seed,
+                first_epoch=first_epoch,
+                end_epoch=end_epoch,
+                shuffle_buffer=params.shuffle_buffer,
+                augment=augment,
+                autotune=params.autotune,
+            )
+            val_ds = image_cache.cached_dataset(
+                self.val_cache,
+                batch_size=params.batch_size,
+                num_classes=n_classes,
+                autotune=params.autotune,
+            )
+            return train_ds, val_ds
+        train_ds = training_batches(
+            self.train_set.paths,
+            self.train_set.labels,
+            image_size=params.image_size,
+            batch_size=params.batch_size,
+            num_classes=n_classes,
+            seed=params.seed,
+            first_epoch=first_epoch,
+            end_epoch=end_epoch,
+            augment=augment,
+        )
+        val_ds = image_dataset(
+            self.val_set.paths,
+            self.val_set.labels,
+            image_size=params.image_size,
+            batch_size=params.batch_size,
+            num_classes=n_classes,
+        )
+        return with_autotune(train_ds, params.autotune), with_autotune(val_ds, params.autotune)
+
+    def _images_in_order(self, split: Manifest, cached, augment) -> tf.data.Dataset:
+        """``split``'s images only, in manifest order, optionally augmented."""
+        params = self.params
+        if cached is not None:
+            return image_cache.cached_dataset(
+                cached,
+                batch_size=params.batch_size,
+                labels=False,
+                augment=augment,
+                autotune=params.autotune,
+            )
+        ds = image_dataset(
+            split.paths, image_size=params.image_size, batch_size=params.batch_size, augment=augment
+        )
+        return with_autotune(ds, params.autotune)
+
+    def _feature_streams(self, model: keras.Model, first_epoch: int, end_epoch: int):
+        """(training batches, validation batches) of backbone features, computed once."""
+        params, n_classes = self.params, len(self.class_names)
+        if self._features is None:
+            started = time.monotonic()
+            extractor = features.feature_extractor(model)
+            train_features = features.feature_copies(
+                extractor,
+                lambda augment: self._images_in_order(self.train_set, self.train_cache, augment),
+                len(self.train_set),
+                params.feature_copies,
+                # Seeded per copy, so a resumed run recomputes the very same copies.
+                lambda k: augmentation(params.augment, seed=params.seed + 7919 * k),
+            )
+            val_features = features.compute_features(
+                extractor,
+                self._images_in_order(self.val_set, self.val_cache, None),
+                len(self.val_set),
+                "val features",
+            )
+            self._features = (train_features, val_features)
+            self.feature_seconds += time.monotonic() - started
+            log.info(
+                "computed %d x %d training and %d validation feature vectors in %.1f s",
+                params.feature_copies,
+                len(self.train_set),
+                len(self.val_set),
+                self.feature_seconds,
+            )
+        train_features, val_features = self._features
+        train_ds = features.feature_batches(
+            train_features,
+            np.asarray(self.train_set.labels),
+            num_classes=n_classes,
+            batch_size=params.batch_size,
+            seed=params.seed,
+            first_epoch=first_epoch,
+            end_epoch=end_epoch,
+        )
+        val_ds = features.feature_dataset(
+            val_features,
+            np.asarray(self.val_set.labels),
+            num_classes=n_classes,
+            batch_size=params.batch_size,
+        )
+        return train_ds, val_ds
 
     def metrics(self, model: keras.Model, trainable_params: int) -> dict[str, Any]:
         """What metrics/train.json holds."""
@@ -410,7 +550,23 @@ class _Session:
             "replicas": self.strategy.num_replicas_in_sync,
             "mixed_precision": self.policy == "mixed_float16",
             "xla": self.params.xla,
+            "input": "cache" if self.train_cache is not None else "files",
+            "feature_cache_phases": ",".join(self.fast_phases),
+            "feature_seconds": round(self.feature_seconds, 1),
         }
+
+
+class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves ``full_model`` whatever model is being fitted: on the
+    fast path Keras fits the head alone, but the best checkpoint must be the whole model
+    (backbone + head), which is what later phases and the saved model load."""
+
+    def __init__(self, full_model: keras.Model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._full_model = full_model
+
+    def set_model(self, model):
+        super().set_model(self._full_model)
 
 
 def _best_model(params: TrainParams, class_names: Sequence[str], weights: Path) -> keras.Model:

@@ -1,0 +1,113 @@
+"""The prepared-image cache: build, read back, stale-cache errors, evaluate's fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tiny_data
+
+from animalcam import dataset, image_cache
+from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.params import CacheParams
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    folder = tiny_data.write_prepared(tmp_path, train_per_class=3, val_per_class=2, size=40)
+    classes = dataset.read_classes(folder / "classes.json")
+    train = dataset.read_manifest(folder / "train.csv", classes, root=tmp_path)
+    val = dataset.read_manifest(folder / "val.csv", classes, root=tmp_path)
+    return tmp_path, folder, train, val
+
+
+def direct(manifest, size):
+    """What the on-the-fly pipeline feeds the model: decode + resize, float32."""
+    batches = dataset.image_dataset(manifest.paths, image_size=size, batch_size=4)
+    return np.concatenate([b.numpy() for b in batches])
+
+
+@pytest.mark.parametrize(("encoding", "max_mean_error"), [("raw", 0.5), ("jpeg", 6.0)])
+def test_round_trip_gives_the_decoded_resized_pixels(prepared, encoding, max_mean_error):
+    root, folder, train, val = prepared
+    counts = image_cache.build_cache(
+        folder,
+        root / "cache",
+        image_size=24,
+        params=CacheParams(encoding=encoding, shard_images=4),
+        root=root,
+    )
+    assert counts["images"] == len(train) + len(val)
+    index = json.loads((root / "cache" / image_cache.INDEX).read_text())
+    assert index["splits"]["train"]["shards"] == [f"train-0000{i}.tfrecord" for i in range(3)]
+
+    split = image_cache.open_split(root / "cache", "train", train, 24)
+    images, labels = zip(*image_cache.cached_dataset(split, batch_size=4), strict=True)
+    images = np.concatenate([b.numpy() for b in images])
+    labels = np.concatenate([b.numpy() for b in labels])
+    assert images.shape == (9, 24, 24, 3) and images.dtype == np.float32
+    assert labels.tolist() == list(train.labels)  # manifest order
+    error = np.abs(images - direct(train, 24))
+    if encoding == "raw":
+        assert error.max() <= 0.5  # rounding to uint8 only
+    # The tiny test images are pure noise, JPEG's worst case; photos come out closer.
+    assert error.mean() < max_mean_error
+
+
+def test_training_batches_cover_every_image_once_per_epoch(prepared):
+    root, folder, train, _ = prepared
+    image_cache.build_cache(
+        folder, root / "cache", image_size=16, params=CacheParams(shard_images=2), root=root
+    )
+    split = image_cache.open_split(root / "cache", "train", train, 16)
+
+    def epoch_labels(first, end):
+        batches = image_cache.cached_training_batches(
+            split,
+            batch_size=4,
+            num_classes=3,
+            seed=7,
+            first_epoch=first,
+            end_epoch=end,
+            shuffle_buffer=64,
+        )
+        return [y.numpy().argmax(axis=1).tolist() for _, y in batches]
+
+    two_epochs = epoch_labels(0, 2)
+    assert len(two_epochs) == 2 * dataset.steps_per_epoch(len(train), 4)
+    first = [label for batch in two_epochs[:3] for label in batch]
+    assert sorted(first) == sorted(train.labels)
+    # Epoch 1 alone (a resumed run) sees what the uninterrupted run saw in epoch 1.
+    assert epoch_labels(1, 2) == two_epochs[3:]
+
+
+def test_stale_or_missing_cache_says_how_to_rebuild(prepared):
+    root, folder, train, _ = prepared
+    with pytest.raises(SourceNotFoundError, match="dvc repro cache"):
+        image_cache.open_split(root / "cache", "train", train, 16)
+    image_cache.build_cache(folder, root / "cache", image_size=16, params=CacheParams(), root=root)
+    with pytest.raises(DataError, match="holds 16 px images but 32 px"):
+        image_cache.open_split(root / "cache", "train", train, 32)
+    fewer = dataset.Manifest(train.paths[1:], train.labels[1:], train.sizes[1:])
+    with pytest.raises(DataError, match="another train split"):
+        image_cache.open_split(root / "cache", "train", fewer, 16)
+
+
+def test_inference_reads_the_cache_when_it_fits_else_the_files(prepared):
+    root, folder, _, val = prepared
+    from_files = np.concatenate(
+        [
+            b.numpy()
+            for b in image_cache.cached_or_files(
+                root / "cache", "val", val, image_size=16, batch_size=4
+            )
+        ]
+    )
+    image_cache.build_cache(
+        folder, root / "cache", image_size=16, params=CacheParams(encoding="raw"), root=root
+    )
+    batches = image_cache.cached_or_files(root / "cache", "val", val, image_size=16, batch_size=4)
+    from_cache = np.concatenate([b.numpy() for b in batches])
+    assert from_cache.shape == from_files.shape == (6, 16, 16, 3)
+    assert np.abs(from_cache - from_files).max() <= 0.5

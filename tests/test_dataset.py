@@ -179,6 +179,39 @@ def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training(fused, lay
     assert dataset.augmentation(off, seed=3) is None
 
 
+def test_fused_warp_matches_tensorflows_projective_transform():
+    # OpenCV does the resampling; it must agree with TensorFlow's own kernel (the
+    # reference for the transforms' convention: output pixel -> input position).
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, 40, 56, 3)).astype(np.float32)
+    theta, zoom = rng.uniform(-0.4, 0.4, 6), rng.uniform(0.8, 1.2, 6)
+    shift = rng.uniform(-10, 10, (6, 2))
+    flip = np.where(rng.random(6) < 0.5, -1.0, 1.0)
+    matrices = np.stack(
+        [
+            np.cos(theta) * zoom * flip,
+            -np.sin(theta) * zoom,
+            shift[:, 0] + 28,
+            np.sin(theta) * zoom * flip,
+            np.cos(theta) * zoom,
+            shift[:, 1],
+        ],
+        axis=1,
+    ).astype(np.float32)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=np.concatenate([matrices, np.zeros((6, 2), np.float32)], axis=1),
+        output_shape=[40, 56],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    ).numpy()
+    warped = dataset.warp_affine(images, matrices)
+    assert warped.shape == images.shape and warped.dtype == np.float32
+    np.testing.assert_allclose(warped, expected, atol=1e-3)
+    assert not np.allclose(warped, images)
+
+
 def test_augmentation_in_the_pipeline_changes_training_batches_only(tmp_path):
     paths = tiny_data.write_images(tmp_path, "train", per_class=2)
     paths = [str(tmp_path / rel) for rel, _ in paths]

@@ -7,12 +7,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from animalcam.errors import ModelError
 from animalcam.gradcam import (
+    PREDICTED,
+    GradCam,
     colorize_heatmap,
     find_target_layer,
-    gradcam_batch,
     gradcam_heatmaps,
     gradcam_model,
     overlay_heatmap,
@@ -145,8 +147,52 @@ def test_scores_are_taken_before_the_softmax(study, images):
     softmax = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(softmax, probabilities, atol=1e-5)
     assert not np.allclose(scores, probabilities)  # logits, not probabilities
-    _, returned = gradcam_batch(grad_model, images)
+    _, returned = GradCam(study)(images)
     np.testing.assert_allclose(returned, probabilities, atol=1e-5)
+
+
+def test_several_targets_per_image_share_one_forward_pass(study, images):
+    predicted = study.predict(images, verbose=0).argmax(axis=1)
+    other = (predicted + 1) % N_CLASSES
+    gradcam = GradCam(study)
+    pairs, _ = gradcam(images, np.stack([np.full(5, PREDICTED), other], axis=1))
+    assert pairs.shape == (5, 2, SIZE // 2, SIZE // 2)
+    np.testing.assert_allclose(pairs[:, 0], gradcam_heatmaps(study, images), atol=1e-6)
+    np.testing.assert_allclose(pairs[:, 1], gradcam_heatmaps(study, images, other), atol=1e-6)
+    assert not np.allclose(pairs[:, 0], pairs[:, 1])  # different classes, different maps
+    # One trace per number of targets, whatever the batch size.
+    gradcam(images[:2], [[0, 1], [1, 2]])
+    assert list(gradcam._steps) == [2]
+    assert gradcam._steps[2].experimental_get_tracing_count() == 1
+    with pytest.raises(ValueError, match="3 class targets for 5 images"):
+        gradcam(images, [0, 1, 2])
+
+
+def test_xla_gives_the_same_heatmaps_and_falls_back_when_it_cannot_compile(study, images, caplog):
+    plain, plain_probabilities = GradCam(study)(images)
+    xla, xla_probabilities = GradCam(study, jit_compile=True)(images)
+    np.testing.assert_allclose(xla, plain, atol=1e-5)
+    np.testing.assert_allclose(xla_probabilities, plain_probabilities, atol=1e-6)
+
+    class HostOp(keras.layers.Layer):
+        """An identity that runs in Python: XLA cannot compile it."""
+
+        def call(self, x):
+            return tf.ensure_shape(tf.py_function(lambda t: t, [x], Tout=x.dtype), x.shape)
+
+        def compute_output_shape(self, shape):
+            return shape
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = HostOp()(inputs)
+    x = study.get_layer("base")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, study.layers[-1](study.layers[-2](x)))
+    gradcam = GradCam(model, jit_compile=True)
+    heatmaps, _ = gradcam(images)
+    np.testing.assert_allclose(heatmaps, plain, atol=1e-5)
+    assert gradcam.jit_compile is False
+    assert "XLA cannot compile Grad-CAM" in caplog.text
 
 
 def test_target_classes_default_to_the_prediction(study, images):

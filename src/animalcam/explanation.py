@@ -37,12 +37,12 @@ from animalcam.figures import (
     sized_figure,
 )
 from animalcam.gradcam import (
+    GradCam,
     colorize_heatmap,
     find_target_layer,
-    gradcam_batch,
-    gradcam_model,
     overlay_heatmap,
     resize_heatmaps,
+    use_xla,
 )
 from animalcam.outputs import replace_directory, write_bytes
 from animalcam.params import ExplainParams
@@ -181,7 +181,7 @@ def _class_index(class_names: Sequence[str], name: str) -> int:
 
 
 def explain_examples(
-    grad_model: Any,
+    gradcam: GradCam,
     rows: Sequence[Mapping[str, Any]],
     originals: Sequence[np.ndarray],
     inputs: np.ndarray,
@@ -191,23 +191,19 @@ def explain_examples(
 ) -> list[Explanation]:
     """Grad-CAM for each row's predicted class and, for mistakes, its true class.
 
-    ``grad_model`` from :func:`animalcam.gradcam.gradcam_model`. All (image, class) jobs
-    go through the model ``batch_size`` at a time, one gradient pass per batch.
+    Images go through the model ``batch_size`` at a time; each image's forward pass
+    serves both of its heatmaps (predicted and true class: the same map when correct).
     """
     predicted = [_class_index(class_names, row["predicted"]) for row in rows]
     actual = [_class_index(class_names, row["actual"]) for row in rows]
-    # Jobs: (example, class, is the true-class map of a mistake)
-    jobs = [(i, predicted[i], False) for i in range(len(rows))]
-    jobs += [(i, actual[i], True) for i in range(len(rows)) if actual[i] != predicted[i]]
-    heatmaps: dict[tuple[int, bool], tuple[np.ndarray, float]] = {}
-    starts = range(0, len(jobs), batch_size)
+    targets = np.array(list(zip(predicted, actual, strict=True)), dtype=np.int32).reshape(-1, 2)
+    heatmaps, probabilities = [], []
+    starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=None):
-        batch = jobs[start : start + batch_size]
-        maps, probabilities = gradcam_batch(
-            grad_model, inputs[[i for i, _, _ in batch]], [c for _, c, _ in batch]
-        )
-        for (i, c, is_true), heatmap, probs in zip(batch, maps, probabilities, strict=True):
-            heatmaps[i, is_true] = (heatmap, float(probs[c]))
+        stop = start + batch_size
+        maps, probs = gradcam(inputs[start:stop], targets[start:stop])
+        heatmaps.extend(maps)
+        probabilities.extend(probs)
 
     explained = []
     for i, row in enumerate(rows):
@@ -216,12 +212,13 @@ def explain_examples(
             image=originals[i],
             model_input=inputs[i],
             predicted_index=predicted[i],
-            predicted_heatmap=heatmaps[i, False][0],
-            predicted_probability=heatmaps[i, False][1],
+            predicted_heatmap=heatmaps[i][0],
+            predicted_probability=float(probabilities[i][predicted[i]]),
             true_index=actual[i],
         )
-        if (i, True) in heatmaps:
-            explanation.true_heatmap, explanation.true_probability = heatmaps[i, True]
+        if actual[i] != predicted[i]:
+            explanation.true_heatmap = heatmaps[i][1]
+            explanation.true_probability = float(probabilities[i][actual[i]])
         explained.append(explanation)
     return explained
 
@@ -432,13 +429,13 @@ def explain_predictions(
         rows, params.n_correct, params.n_incorrect, class_names
     )
     layer = "/".join(find_target_layer(model, params.layer))
-    grad_model = gradcam_model(model, params.layer)
+    gradcam = GradCam(model, params.layer, jit_compile=use_xla(params.xla))
     size = model_input_size(model)
     groups = {}
     for name, selected in (("correct", correct_rows), ("incorrect", incorrect_rows)):
         originals, inputs = load_images([row["path"] for row in selected], size)
         groups[name] = explain_examples(
-            grad_model, selected, originals, inputs, class_names, batch_size=params.batch_size
+            gradcam, selected, originals, inputs, class_names, batch_size=params.batch_size
         )
         log.info("Explained %d %s predictions", len(selected), name)
 

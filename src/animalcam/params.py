@@ -316,6 +316,8 @@ class ExplainParams:
     batch_size: int = 16
     faithfulness_fraction: float = 0.2  # share of the image blurred in the check
     seed: int = 0  # places the random regions the faithfulness check compares against
+    # XLA for the Grad-CAM step. "auto": on a GPU only (no gain measured on a CPU).
+    xla: str = "auto"
 
     def check(self, prefix: str) -> None:
         for name in ("n_correct", "n_incorrect"):
@@ -323,6 +325,9 @@ class ExplainParams:
             _check(value >= 0, f"{prefix}.{name}", value, "an integer >= 0")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(0 < self.alpha < 1, f"{prefix}.alpha", self.alpha, "a number in (0, 1)")
+        _check(
+            self.xla in ("auto", "on", "off"), f"{prefix}.xla", self.xla, "'auto', 'on' or 'off'"
+        )
         _check(
             0 < self.faithfulness_fraction < 1,
             f"{prefix}.faithfulness_fraction",

@@ -80,7 +80,7 @@ def main() -> None:
 
     started = time.perf_counter()
     explain = gradcam.GradCam(model, LAYER, jit_compile=xla)
-    explain(images[:2])
+    explain(images[:step])  # the timed batches' shape: XLA compiles per shape
     one_off = time.perf_counter() - started
     print(f"ours, one-off: gradient model + compile + first batch {one_off:.1f} s")
     started = time.perf_counter()

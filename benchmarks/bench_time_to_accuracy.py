@@ -2,8 +2,9 @@
 set, our recommended CPU recipe against the reference study's recipe, in one run.
 
 - ours: frozen VGG16 backbone, head trained on cached backbone features
-  (train.trainable: head, feature_cache: auto, feature_copies 2), Caffe preprocessing,
-  learning rate 1e-3, --epochs epochs (early stopping on), images from the cache;
+  (train.trainable: head, feature_cache: auto, feature_copies 1: one backbone pass per
+  image in all), Caffe preprocessing, learning rate 1e-3, --epochs epochs (early stopping
+  on), images from the cache;
 - baseline: the study's recipe: all layers trainable from epoch 1, 1/255 rescale,
   learning rate 1e-4, images decoded from the files every epoch, no feature cache,
   --baseline-epochs epochs (default 1: on 2 CPU cores one full fine-tuning epoch
@@ -99,7 +100,7 @@ def main() -> None:
         "learning_rate": 1e-3,
         "preprocessing": "backbone",
         "feature_cache": "auto",
-        "feature_copies": 2,
+        "feature_copies": 1,
         "input": "cache",
         "epochs": args.epochs,
         "image_size": args.size,

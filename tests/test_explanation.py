@@ -17,6 +17,7 @@ from animalcam.explanation import (
     PANEL_TITLE_PX,
     Explanation,
     blur_where,
+    explain_examples,
     explain_predictions,
     faithfulness,
     grid_png,
@@ -168,6 +169,42 @@ def tiny_model() -> keras.Model:
     x = keras.layers.Dense(8, activation="relu", name="dense")(x)
     x = keras.layers.Dense(len(CLASSES), name="logits")(x)
     return keras.Model(inputs, ClassProbabilities(CLASSES, name="predictions")(x))
+
+
+def test_explain_examples_maps_each_row_to_its_predicted_and_true_class():
+    from animalcam.gradcam import GradCam, gradcam_heatmaps
+
+    model = tiny_model()
+    inputs = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    rows = [
+        row("a", "cat", "cat", "0.9"),
+        row("b", "dog", "horse", "0.8"),  # mistakes: predicted and true maps differ
+        row("c", "horse", "cat", "0.7"),
+        row("d", "dog", "dog", "0.6"),
+        row("e", "cat", "dog", "0.5"),
+    ]
+    predicted = [CLASSES.index(r["predicted"]) for r in rows]
+    actual = [CLASSES.index(r["actual"]) for r in rows]
+    # batch_size 2: the rows cross batch boundaries, the last batch is smaller.
+    explained = explain_examples(GradCam(model), rows, list(inputs), inputs, CLASSES, batch_size=2)
+
+    probabilities = model.predict(inputs, verbose=0)
+    expected_predicted = gradcam_heatmaps(model, inputs, predicted)
+    expected_true = gradcam_heatmaps(model, inputs, actual)
+    for i, e in enumerate(explained):
+        assert (e.predicted_index, e.true_index, e.correct) == (
+            predicted[i],
+            actual[i],
+            predicted[i] == actual[i],
+        )
+        np.testing.assert_allclose(e.predicted_heatmap, expected_predicted[i], atol=1e-6)
+        assert e.predicted_probability == pytest.approx(probabilities[i, predicted[i]], abs=1e-5)
+        if e.correct:
+            assert e.true_heatmap is None and e.true_probability is None
+        else:
+            np.testing.assert_allclose(e.true_heatmap, expected_true[i], atol=1e-6)
+            assert e.true_probability == pytest.approx(probabilities[i, actual[i]], abs=1e-5)
+    assert not np.allclose(explained[1].predicted_heatmap, explained[1].true_heatmap)
 
 
 def test_explain_stage_writes_panels_grids_and_metrics(tmp_path):

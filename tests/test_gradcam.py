@@ -164,8 +164,13 @@ def test_several_targets_per_image_share_one_forward_pass(study, images):
     gradcam(images[:2], [[0, 1], [1, 2]])
     assert list(gradcam._steps) == [2]
     assert gradcam._steps[2].experimental_get_tracing_count() == 1
-    with pytest.raises(ValueError, match="3 class targets for 5 images"):
+    with pytest.raises(ValueError, match=r"shape \(3,\) for 5 images"):
         gradcam(images, [0, 1, 2])
+    # Out of range is an error, not a silently clamped class (as XLA or a GPU would do).
+    with pytest.raises(ValueError, match=r"Class index 3 is out of range .* 3 classes"):
+        gradcam(images, [0, 1, 2, 3, 0])
+    empty_maps, empty_probabilities = gradcam(images[:0])
+    assert empty_maps.shape == (0, SIZE // 2, SIZE // 2) and empty_probabilities.shape == (0, 3)
 
 
 def test_xla_gives_the_same_heatmaps_and_falls_back_when_it_cannot_compile(study, images, caplog):

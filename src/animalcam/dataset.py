@@ -135,8 +135,8 @@ def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:
     ImageDataGenerator did. With ``params.fused`` they are applied as ONE affine
     resampling per image (:class:`RandomAffine`); otherwise as Keras' own
     RandomRotation, RandomTranslation, RandomShear, RandomZoom and RandomFlip layers,
-    which resample every image five times, about 5x slower on a CPU (see
-    docs/benchmarks.md). Either only transforms when called with ``training=True``.
+    which resample every image five times with TensorFlow's kernel, several times slower
+    on a CPU (see docs/benchmarks.md). Either only transforms when called with ``training=True``.
     """
     if not (
         params.rotation > 0
@@ -193,7 +193,8 @@ class RandomAffine(keras.layers.Layer):
     The draws are TensorFlow ops (seeded, so tf.data replays them); the resampling is
     OpenCV's ``warpAffine`` through ``tf.numpy_function``: on a CPU it is ~4x faster than
     TensorFlow's ImageProjectiveTransformV3 with the same output (to 2e-4 on 0-255
-    pixels, tested), and it releases the GIL, so tf.data's parallel maps still use every
+    pixels, tested; OpenCV 5 is needed for that: 4.x rounds the sample positions to
+    1/32 pixel, off by up to ~5 levels on noise), and it releases the GIL, so tf.data's parallel maps still use every
     core. The price: a pipeline holding this layer cannot be serialized (tf.data service,
     SavedModel); it never is here (augmentation runs in the input pipeline only).
     """
@@ -275,7 +276,7 @@ def warp_affine(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     out = np.empty_like(images)
     height, width = images.shape[1:3]
     for image, matrix, target in zip(images, matrices, out, strict=True):
-        cv2.warpAffine(
+        warped = cv2.warpAffine(
             image,
             matrix.reshape(2, 3),
             (width, height),
@@ -283,6 +284,8 @@ def warp_affine(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REPLICATE,
         )
+        if warped is not target:  # OpenCV made its own buffer after all
+            target[...] = warped
     return out
 
 

@@ -306,10 +306,22 @@ class GradCam:
             targets = np.full((len(images), 1), PREDICTED, dtype=np.int32)
         else:
             targets = np.asarray(class_indices, dtype=np.int32)
-        one_per_image = targets.ndim == 1
-        targets = targets.reshape(len(targets), -1)
-        if len(targets) != len(images):
-            raise ValueError(f"Got {len(targets)} class targets for {len(images)} images.")
+        given, one_per_image = targets.shape, targets.ndim == 1
+        targets = targets[:, None] if one_per_image else targets
+        if targets.ndim != 2 or len(targets) != len(images):
+            raise ValueError(
+                f"Got class targets of shape {given} for {len(images)} images; "
+                "expected one per image, or (images, K)."
+            )
+        # Checked here: an out-of-range index would silently pick another class under XLA
+        # or on a GPU (gather clamps or returns 0 there instead of raising).
+        n_classes = self.grad_model.outputs[1].shape[-1]
+        bad = (targets != PREDICTED) & ((targets < 0) | (targets >= n_classes))
+        if bad.any():
+            raise ValueError(
+                f"Class index {int(targets[bad][0])} is out of range for a model with "
+                f"{n_classes} classes (0..{n_classes - 1}, or {PREDICTED} for the prediction)."
+            )
         maps, probabilities = self._run(images, targets)
         heatmaps = _normalise(maps.numpy())
         if class_indices is None or one_per_image:

@@ -194,9 +194,10 @@ class RandomAffine(keras.layers.Layer):
     OpenCV's ``warpAffine`` through ``tf.numpy_function``: on a CPU it is ~4x faster than
     TensorFlow's ImageProjectiveTransformV3 with the same output (to 2e-4 on 0-255
     pixels, tested; OpenCV 5 is needed for that: 4.x rounds the sample positions to
-    1/32 pixel, off by up to ~5 levels on noise), and it releases the GIL, so tf.data's parallel maps still use every
-    core. The price: a pipeline holding this layer cannot be serialized (tf.data service,
-    SavedModel); it never is here (augmentation runs in the input pipeline only).
+    1/32 pixel, off by up to ~5 levels on noise), and it releases the GIL, so tf.data's
+    parallel maps still use every core. The price: a pipeline holding this layer cannot
+    be serialized (tf.data service, SavedModel); it never is here (augmentation runs in
+    the input pipeline only).
     """
 
     def __init__(

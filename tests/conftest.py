@@ -34,6 +34,32 @@ ITALIAN_CLASSES = (
 )
 
 
+# Modules whose tests run Keras models. TensorFlow picks its CPU kernels by processor
+# (oneDNN on by default with AVX-512, off with AVX2 only) and the two families differ
+# (an empty batch through a convolution fails under oneDNN only), so .ci/run runs these
+# a second time under the setting this machine does not use by default (`-m model`).
+MODEL_TEST_MODULES = {
+    "test_dataset",
+    "test_evaluation",
+    "test_explanation",
+    "test_features",
+    "test_gradcam",
+    "test_kills",
+    "test_modeling",
+    "test_pipeline_full",
+    "test_queue",
+    "test_serving",
+    "test_tracking",
+    "test_training",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module is not None and item.module.__name__ in MODEL_TEST_MODULES:
+            item.add_marker(pytest.mark.model)
+
+
 def blob_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """An RGB picture unique to ``seed``: 8x8 random colours, smoothly upscaled.
 

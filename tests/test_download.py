@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import errno
 import io
 import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import zipfile
@@ -14,14 +19,20 @@ import pytest
 import requests
 from archive_factory import expected_raw as expected
 from archive_factory import (
+    jpeg_bytes,
     kaggle_files,
     kaggle_zip,
+    left_in_data,
+    one_error_line,
     read_tree,
+    run_download_stage,
     set_declared_size,
     write_folder,
     write_zip,
+    zip_with_raw_name,
     zip_with_symlink,
 )
+from tqdm import tqdm
 
 from animalcam import download
 from animalcam.archives import Member, extract_member, safe_member_path
@@ -511,3 +522,310 @@ def test_stage_script_fails_in_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("animalcam download: error: data.source = 'missing/animals10.zip'")
     assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- names, counts, disk space
+
+
+def refused(work: Path, archive: Path, error=UnsafeArchiveError, **params) -> str:
+    """Run the stage on ``archive``; it must fail with ``error``, write nothing and leave
+    the archive as it was. Returns the message."""
+    before = archive.read_bytes()
+    with pytest.raises(error) as err:
+        fetch(archive, **params)
+    assert nothing_left(work)
+    assert archive.read_bytes() == before
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_name_marked_utf8_that_is_not_is_refused(work, tmp_path):
+    archive = zip_with_raw_name(tmp_path / "a.zip", b"raw-img/cane/caf\xe9.jpg", utf8_flag=True)
+    message = refused(work, archive)
+    assert "marked as UTF-8 but is not" in message and "caf\\xe9" in message
+
+
+def test_unflagged_utf8_name_is_read_as_utf8(work, tmp_path):
+    """Linux and macOS zip tools write UTF-8 names without setting the flag."""
+    name = "raw-img/cane/café-猫.jpg"
+    fetch(zip_with_raw_name(tmp_path / "a.zip", name.encode(), utf8_flag=False))
+    assert (work / "data/raw/cane/café-猫.jpg").read_bytes() == jpeg_bytes(99)
+
+
+def test_unflagged_legacy_name_is_refused(work, tmp_path):
+    archive = zip_with_raw_name(tmp_path / "a.zip", b"raw-img/cane/caf\xe9.jpg", utf8_flag=False)
+    message = refused(work, archive)
+    assert "b'raw-img/cane/caf\\xe9.jpg' is not valid UTF-8" in message
+    assert "Re-create the archive with UTF-8 names" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"raw-img/cane/0.jpg/evil.jpg": b"x"}, "'raw-img/cane/0.jpg' is both a file and a folder"),
+        ({"raw-img/cane/0.jpg/": b""}, "'raw-img/cane/0.jpg' is both a file and a folder"),
+        ({"raw-img/cane/0.JPG": b"x"}, "differ only in case"),
+        ({"raw-img/Cane/9.jpg": b"x"}, "'raw-img/Cane' and 'raw-img/cane' differ only in case"),
+        (  # "é" composed and decomposed: one name on macOS
+            {"raw-img/cane/\u00e9.jpg": b"x", "raw-img/cane/e\u0301.jpg": b"y"},
+            "Unicode normalization",
+        ),
+    ],
+)
+def test_names_that_would_collide_are_refused(work, tmp_path, extra, words):
+    assert words in refused(work, kaggle_zip(tmp_path / "a.zip", extra))
+
+
+@pytest.mark.parametrize("name", ["raw-img/cane/a\nb.jpg", "raw-img/cane/a\rb.jpg", "c\x1b[2J.jpg"])
+def test_control_characters_in_names_are_refused(work, tmp_path, name):
+    assert "control character" in refused(work, kaggle_zip(tmp_path / "a.zip", {name: b"x"}))
+
+
+def test_name_too_long_for_the_file_system_is_refused(work, tmp_path):
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long_name = "raw-img/cane/" + "a" * (name_max + 1) + ".jpg"
+    message = refused(work, kaggle_zip(tmp_path / "a.zip", {long_name: b"x"}))
+    assert f"more than the {name_max} this file system allows" in message
+
+
+def test_path_too_long_for_the_file_system_is_refused(work, tmp_path):
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+    deep = "/".join(["d" * 200] * (path_max // 200 + 1))  # every part fits, the whole does not
+    message = refused(work, kaggle_zip(tmp_path / "a.zip", {f"raw-img/cane/{deep}/0.jpg": b"x"}))
+    assert f"more than the {path_max} this file system allows" in message
+
+
+def test_more_members_than_the_cap_are_refused(work, tmp_path):
+    archive = kaggle_zip(tmp_path / "a.zip")  # 7 entries
+    message = refused(work, archive, max_members=6)
+    assert "holds 7 entries, more than data.max_members = 6" in message
+    fetch(archive, max_members=7)
+    assert read_tree(work / "data/raw") == expected()
+
+
+def test_default_member_cap_fits_animals10():
+    assert 26_179 < DataParams().max_members <= 1_000_000  # Animals-10's file count
+
+
+def test_archive_larger_than_the_free_space_is_refused_before_unpacking(
+    work, tmp_path, monkeypatch
+):
+    archive = kaggle_zip(tmp_path / "a.zip", {"raw-img/cane/big.bmp": bytes(5_000_000)})
+    asked = []
+
+    def usage(path):
+        asked.append(Path(path).resolve())
+        return shutil._ntuple_diskusage(10**12, 10**12 - 20_000_000, 20_000_000)
+
+    monkeypatch.setattr(download.shutil, "disk_usage", usage)
+    message = refused(work, archive, error=DataError)
+    assert "of disk space for data/raw" in message and "only 19.1 MB is free" in message
+    assert asked and asked[0] in (work.resolve(), (work / "data").resolve())
+
+
+def test_disk_full_while_unpacking_is_one_line(work, tmp_path, monkeypatch):
+    """Declared sizes fit, and the disk fills anyway (another process wrote to it)."""
+    real_open = open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "x" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    message = refused(work, kaggle_zip(tmp_path / "a.zip"), error=DataError)
+    assert "No space left on device" in message and "free some disk space" in message
+
+
+def test_truncated_archive_is_a_data_error(work, tmp_path):
+    archive = kaggle_zip(tmp_path / "a.zip")
+    archive.write_bytes(archive.read_bytes()[:-30])  # the end of the central directory
+    assert "is not a readable zip archive" in refused(work, archive, error=DataError)
+
+
+# ---------------------------------------------------------------- sources that are no file
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang, if the code under test blocks (opening a FIFO would)."""
+
+    def alarm(*args):
+        raise TimeoutError("blocked: something opened a FIFO or device")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def special_sources(tmp_path: Path) -> dict[str, Path]:
+    fifo = tmp_path / "animals10.zip"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "s.sock"
+    if len(str(sock_path)) < 100:  # AF_UNIX path limit
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(sock_path))
+    link = tmp_path / "link.zip"
+    link.symlink_to(fifo)
+    return {"fifo": fifo, "socket": sock_path, "device": Path("/dev/zero"), "link": link}
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("fifo", "is a named pipe (FIFO), not a zip file or a folder"),
+        ("device", "is a character device, not a zip file or a folder"),
+        ("socket", "is a socket, not a zip file or a folder"),
+        ("link", "is a named pipe (FIFO) (through a symbolic link)"),
+    ],
+)
+def test_source_that_is_no_file_is_refused_unread(work, tmp_path, no_hang, kind, words):
+    source = special_sources(tmp_path)[kind]
+    if not source.exists():
+        pytest.skip("no AF_UNIX socket here")
+    with pytest.raises(DataError) as err:
+        fetch(source, stamp="data/raw.source.json")
+    assert words in str(err.value) and "nothing was read from it" in str(err.value)
+    assert not (work / "data").exists()
+    # Nor does the fingerprint open it (a FIFO would block until a writer came).
+    assert "special" in download.local_fingerprint(str(source), source)
+
+
+def test_dangling_link_source_says_where_it_points(work, tmp_path):
+    link = tmp_path / "a.zip"
+    link.symlink_to(tmp_path / "moved-away.zip")
+    with pytest.raises(SourceNotFoundError, match=r"is a symbolic link to '.*moved-away\.zip'"):
+        fetch(link)
+
+
+# ---------------------------------------------------------------- Kaggle output and secrets
+
+KEY = "0123456789abcdef0123456789abcdef"
+TOKEN = "KGAT_fedcba9876543210fedcba98765432"
+
+
+class ChattyKaggleApi(FakeKaggleApi):
+    """A KaggleApi with VERBOSE=1: it prints each request, credentials included."""
+
+    def authenticate(self):
+        self.config_values.update(username="someone", key=KEY, auth_method="LEGACY_API_KEY")
+        basic = base64.b64encode(f"someone:{KEY}".encode()).decode()
+        print(f"GET https://www.kaggle.com/api/v1/hello\nAuthorization: Basic {basic}")
+        print(f"Authorization: Bearer {TOKEN}", file=sys.stderr)
+
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False):
+        print(f"Dataset URL: https://www.kaggle.com/datasets/{dataset}")
+        print(f'{{"username": "someone", "key": "{KEY}"}}', file=sys.stderr)
+        sys.stderr.write(f"partial line with key={KEY}")  # never ended by a newline
+        for _ in tqdm(range(3), file=None, disable=quiet):
+            pass
+        super().dataset_download_files(dataset, path, force, quiet, unzip)
+
+
+def assert_no_secret(*texts: str) -> None:
+    basic = base64.b64encode(f"someone:{KEY}".encode()).decode()
+    for text in texts:
+        for secret in (KEY, TOKEN, basic, KEY[:12]):
+            assert secret not in text, text
+
+
+def test_kaggle_client_output_is_logged_redacted(work, fake_kaggle, monkeypatch, capsys, caplog):
+    api = ChattyKaggleApi()
+    monkeypatch.setattr(download, "_new_kaggle_api", lambda: api)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", TOKEN)
+
+    with caplog.at_level(logging.INFO, logger="animalcam"):
+        raw = fetch("kaggle")
+
+    assert raw.files == 6
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "")  # nothing forwarded as it is
+    assert_no_secret(caplog.text)
+    assert "kaggle: Dataset URL: https://www.kaggle.com/datasets/alessiocorrado99" in caplog.text
+    assert "kaggle: Authorization: [redacted]" in caplog.text
+    assert "key=[redacted]" in caplog.text  # the partial line, logged when the call ended
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        requests.ConnectionError(f"Unable to connect to proxy http://someone:{KEY}@proxy:3128"),
+        requests.ConnectionError(
+            f"HTTPSConnectionPool: headers {{'Authorization': 'Bearer {TOKEN}'}}"
+        ),
+        http_error(500),
+        ValueError(f"bad dataset, request had key={KEY}"),
+        RuntimeError(f"unexpected: Authorization: Basic {KEY}\nmore"),
+    ],
+)
+def test_kaggle_errors_never_carry_secrets(work, fake_kaggle, monkeypatch, capsys, error):
+    if isinstance(error, requests.HTTPError):
+        error.args = (f"500 Server Error for url: https://k/api?token={TOKEN}",)
+    api = fake_kaggle(download_error=error)
+    api.config_values.update(key=KEY)
+    monkeypatch.setenv("KAGGLE_KEY", KEY)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", TOKEN)
+    with pytest.raises(download.DownloadError) as err:
+        fetch("kaggle")
+    message = str(err.value)
+    assert "\n" not in message and "[redacted]" in message
+    assert_no_secret(message, *capsys.readouterr())
+    assert os.listdir(work / "data") == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Authorization: Basic {KEY}",
+        f"proxy-authorization:Bearer {KEY}",
+        f"Cookie: session={KEY}",
+        f"https://user:{KEY}@example.com/x",
+        f'{{"key": "{KEY}"}}',
+        f"KAGGLE_KEY={KEY}",
+        f"api_token: {KEY}",
+        f"uses {KEY} somewhere",  # a known secret, wherever it appears
+    ],
+)
+def test_redact_hides_credentials(text):
+    assert KEY not in download.redact(text, [KEY])
+    assert download.redact("Dataset URL: https://www.kaggle.com/datasets/a/b") == (
+        "Dataset URL: https://www.kaggle.com/datasets/a/b"
+    )
+
+
+# ---------------------------------------------------------------- through the stage script
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("tracking") / "mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("raw", "flag", "words"),
+    [
+        (b"raw-img/cane/caf\xe9.jpg", False, "is not valid UTF-8"),
+        (b"raw-img/cane/caf\xe9.jpg", True, "marked as UTF-8 but is not"),
+        (b"raw-img/cane/0.JPG", False, "differ only in case"),
+    ],
+)
+def test_stage_refuses_hostile_names_in_one_line(tmp_path, mlflow_db, raw, flag, words):
+    archive = zip_with_raw_name(tmp_path / "a.zip", raw, utf8_flag=flag)
+    before = archive.read_bytes()
+    result = run_download_stage(tmp_path / "project", {"source": str(archive)}, mlflow_db)
+    line = one_error_line(result)
+    assert words in line and "nothing was written" in line
+    assert left_in_data(tmp_path / "project") == []
+    assert archive.read_bytes() == before
+
+
+def test_stage_refuses_a_fifo_source_without_hanging(tmp_path, mlflow_db):
+    os.mkfifo(tmp_path / "animals10.zip")
+    result = run_download_stage(
+        tmp_path / "project", {"source": str(tmp_path / "animals10.zip")}, mlflow_db, timeout=60
+    )
+    assert "is a named pipe (FIFO)" in one_error_line(result)
+    assert left_in_data(tmp_path / "project") == []

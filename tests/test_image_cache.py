@@ -84,7 +84,7 @@ def test_training_batches_cover_every_image_once_per_epoch(prepared):
 
 def test_stale_or_missing_cache_says_how_to_rebuild(prepared):
     root, folder, train, _ = prepared
-    with pytest.raises(SourceNotFoundError, match="dvc repro cache"):
+    with pytest.raises(SourceNotFoundError, match="dvc repro -f cache"):
         image_cache.open_split(root / "cache", "train", train, 16)
     image_cache.build_cache(folder, root / "cache", image_size=16, params=CacheParams(), root=root)
     with pytest.raises(DataError, match="holds 16 px images but 32 px"):
@@ -110,4 +110,49 @@ def test_inference_reads_the_cache_when_it_fits_else_the_files(prepared):
     batches = image_cache.cached_or_files(root / "cache", "val", val, image_size=16, batch_size=4)
     from_cache = np.concatenate([b.numpy() for b in batches])
     assert from_cache.shape == from_files.shape == (6, 16, 16, 3)
-    assert np.abs(from_cache - from_files).max() <= 0.5
+    assert np.array_equal(from_cache, from_files)  # the same reader, stored losslessly
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda index: index.write_bytes(b"\xff\xfe not json"), id="not-utf8"),
+        pytest.param(lambda index: index.write_text("{ half"), id="not-json"),
+        pytest.param(lambda index: index.write_text("[1, 2]"), id="not-a-mapping"),
+        pytest.param(
+            lambda index: index.write_text(
+                json.dumps({**json.loads(index.read_text()), "splits": {"train": {}}})
+            ),
+            id="fields-missing",
+        ),
+        pytest.param(
+            lambda index: (index.parent / "train-00000.tfrecord").write_bytes(b"cut"),
+            id="truncated-shard",
+        ),
+        pytest.param(lambda index: (index.parent / "train-00000.tfrecord").unlink(), id="no-shard"),
+    ],
+)
+def test_a_corrupt_cache_is_one_line_that_says_how_to_rebuild(prepared, damage):
+    root, folder, train, _ = prepared
+    image_cache.build_cache(folder, root / "cache", image_size=16, params=CacheParams(), root=root)
+    damage(root / "cache" / "index.json")
+    with pytest.raises(DataError) as error:
+        image_cache.open_split(root / "cache", "train", train, 16)
+    message = str(error.value)
+    assert "\n" not in message and "dvc repro -f cache" in message
+
+
+def test_every_encoding_round_trips_what_the_reader_gives(prepared):
+    root, folder, _, val = prepared
+    from_files = np.concatenate(
+        [b.numpy() for b in dataset.image_dataset(val.paths, image_size=16, batch_size=4)]
+    )
+    for encoding, tolerance in (("png", 0), ("raw", 0), ("jpeg", 8)):
+        cache = root / f"cache-{encoding}"
+        params = CacheParams(encoding=encoding)
+        image_cache.build_cache(folder, cache, image_size=16, params=params, root=root)
+        split = image_cache.open_split(cache, "val", val, 16)
+        got = np.concatenate(
+            [b.numpy() for b in image_cache.cached_dataset(split, batch_size=4, labels=False)]
+        )
+        assert np.abs(got - from_files).mean() <= tolerance, encoding

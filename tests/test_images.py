@@ -1,111 +1,113 @@
 import hashlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import blob_image, save_image
+from image_kinds import bmp_16bit, eps_bytes, kinds, png_declaring
 from PIL import Image
 
 from animalcam import images
-from animalcam.images import check_image
+from animalcam.images import ImageReadError, check_image, decode_rgb, model_pixels
 
 LIMITS = {"min_side": 16, "max_pixels": 10_000_000}
 
 
 def check(path: Path, tmp_path: Path, **overrides):
-    return check_image(
-        path, convert_to=tmp_path / "out" / (path.name + ".png"), **{**LIMITS, **overrides}
-    )
+    return check_image(path, **{**LIMITS, **overrides})
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("a.jpg", {"quality": 90}), ("a.png", {}), ("a.bmp", {})],
-)
-def test_rgb_files_tensorflow_reads_are_used_as_they_are(tmp_path, name, kwargs):
-    path = save_image(tmp_path / name, seed=1, **kwargs)
+KINDS = kinds()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def test_every_kind_of_file_reads_as_a_person_sees_it(kind):
+    pixels = decode_rgb(kind.data)
+    assert pixels.dtype == np.uint8 and pixels.shape == kind.expected.shape
+    assert np.abs(pixels.astype(float) - kind.expected).mean() <= kind.tolerance
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def test_a_file_and_its_bytes_read_the_same(tmp_path, kind):
+    path = tmp_path / kind.name
+    path.write_bytes(kind.data)
+    assert np.array_equal(decode_rgb(path), decode_rgb(kind.data))
+    assert path.read_bytes() == kind.data  # the source is only read
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def test_check_image_accepts_every_kind_with_its_upright_size(tmp_path, kind):
+    path = tmp_path / kind.name
+    path.write_bytes(kind.data)
     result = check(path, tmp_path)
     assert result.reason is None
-    assert (result.width, result.height) == (48, 40)
-    assert result.sha256 == digest(path)
+    assert (result.height, result.width) == kind.expected.shape[:2]
+    assert result.sha256 == hashlib.sha256(kind.data).hexdigest()
     assert 0 <= result.phash < 2**64
-    assert result.converted == ""
-    assert not (tmp_path / "out").exists()
 
 
-def test_grayscale_jpeg_is_used_as_it_is(tmp_path):
-    path = tmp_path / "g.jpg"
-    blob_image(2).convert("L").save(path)
-    result = check(path, tmp_path)
-    assert result.reason is None and result.converted == ""
+def test_a_16_bit_bmp_that_tensorflow_refuses_is_read():
+    data, expected = bmp_16bit()
+    assert np.array_equal(decode_rgb(data), expected)
 
 
-def test_cmyk_jpeg_is_converted_to_rgb_png(tmp_path):
-    path = tmp_path / "cmyk.jpg"
-    blob_image(3).convert("CMYK").save(path)
-    before = digest(path)
-    result = check(path, tmp_path)
-    assert result.reason is None
-    converted = Image.open(result.converted)
-    assert converted.format == "PNG" and converted.mode == "RGB"
-    assert converted.size == (48, 40)
-    # Colours survive the round trip (CMYK -> RGB is lossy only through JPEG).
-    original = np.asarray(blob_image(3), dtype=float)
-    assert np.abs(np.asarray(converted, dtype=float) - original).mean() < 20
-    assert digest(path) == before  # the source is only read
+def test_model_pixels_are_the_bilinear_resize_of_the_upright_picture():
+    kind = next(k for k in KINDS if k.name == "exif6.jpg")
+    pixels = model_pixels(kind.data, (20, 30))
+    assert pixels.shape == (20, 30, 3) and pixels.dtype == np.uint8
+    expected = images.resize_for_model(decode_rgb(kind.data), (20, 30))
+    assert np.array_equal(pixels, expected)
+    # The resize keeps the picture: close to Pillow's bilinear resize of the expectation.
+    reference = np.asarray(
+        Image.fromarray(kind.expected).resize((30, 20), Image.Resampling.BILINEAR), dtype=float
+    )
+    assert np.abs(pixels - reference).mean() < 12
 
 
-def test_png_with_alpha_is_flattened_onto_white(tmp_path):
-    rgba = blob_image(4).convert("RGBA")
-    alpha = np.full((40, 48), 255, dtype=np.uint8)
-    alpha[:, :24] = 0  # left half fully transparent
-    rgba.putalpha(Image.fromarray(alpha))
-    path = tmp_path / "alpha.png"
-    rgba.save(path)
-    result = check(path, tmp_path)
-    pixels = np.asarray(Image.open(result.converted))
-    assert pixels.shape == (40, 48, 3)
-    assert (pixels[:, :24] == 255).all()
-    assert (pixels[:, 24:] == np.asarray(blob_image(4))[:, 24:]).all()
+def test_a_declared_bomb_is_refused_from_the_header_before_decoding(monkeypatch):
+    # Decoding would need gigabytes; the header alone must decide, so load() never runs.
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    with pytest.raises(ImageReadError) as error:
+        decode_rgb(png_declaring(12_000, 12_000))
+    assert error.value.reason == images.TOO_LARGE
+    assert "12000x12000" in str(error.value)
 
 
-def test_palette_gif_takes_the_first_frame(tmp_path):
-    frames = [blob_image(5).convert("P"), blob_image(6).convert("P")]
-    path = tmp_path / "anim.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:])
-    result = check(path, tmp_path)
-    assert result.reason is None
-    first = np.asarray(Image.open(result.converted), dtype=float)
-    assert np.abs(first - np.asarray(frames[0].convert("RGB"), dtype=float)).mean() < 1
+def test_the_pixel_limit_is_the_callers(tmp_path):
+    data = png_declaring(3_000, 2_000)
+    with pytest.raises(ImageReadError, match="3000x2000 px is over 5000000 px"):
+        decode_rgb(data, max_pixels=5_000_000)
 
 
-def test_webp_is_converted(tmp_path):
-    path = save_image(tmp_path / "w.webp", seed=7)
-    result = check(path, tmp_path)
-    assert result.reason is None
-    assert Image.open(result.converted).format == "PNG"
-
-
-def test_exif_rotated_jpeg_is_converted_upright(tmp_path):
-    image = blob_image(8, size=(60, 30))
-    exif = image.getexif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    path = tmp_path / "rotated.jpg"
-    image.save(path, exif=exif)
-    result = check(path, tmp_path)
-    assert (result.width, result.height) == (30, 60)
-    assert Image.open(result.converted).size == (30, 60)
-
-
-def test_converted_copy_is_skipped_without_a_target(tmp_path):
-    path = save_image(tmp_path / "w.webp", seed=7)
-    result = check_image(path, **LIMITS)
-    assert result.reason is None and result.converted == ""
+def test_an_eps_file_named_jpg_is_not_an_image_and_never_reaches_ghostscript(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(eps_bytes())
+    # Ghostscript would show up as a child process; Pillow is not even asked to try EPS.
+    code = (
+        "import sys, subprocess\n"
+        "calls = []\n"
+        "real = subprocess.Popen.__init__\n"
+        "def spy(self, *a, **k):\n"
+        "    calls.append(a)\n"
+        "    return real(self, *a, **k)\n"
+        "subprocess.Popen.__init__ = spy\n"
+        "from animalcam.images import check_image\n"
+        f"result = check_image({str(path)!r}, min_side=1, max_pixels=10**8)\n"
+        "print(result.reason, len(calls))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == [images.NOT_AN_IMAGE, "0"]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +136,6 @@ def test_damaged_pixel_data_is_rejected_as_corrupt(tmp_path):
     path.write_bytes(bytes(data))
     result = check(path, tmp_path)
     assert result.reason == images.CORRUPT
-    assert (result.width, result.height) == (100, 100)
 
 
 def test_truncated_jpeg_is_rejected(tmp_path):

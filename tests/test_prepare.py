@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import io
 import json
@@ -96,8 +97,8 @@ def test_prepare_cleans_groups_and_splits(messy_raw, tmp_path):
     by_name = {Path(r["source"]).name + r["label"]: r for r in rows}
     for name, label in (("cmyk.jpg", "cow"), ("alpha.png", "sheep")):
         row = by_name[name + label]
-        assert row["path"].endswith(f"{name}.png") and Path(row["path"]).is_file()
-        assert Image.open(row["path"]).mode == "RGB"
+        # No converted copies: every stage reads the original with the same reader.
+        assert row["path"] == row["source"] and Path(row["path"]).is_file()
     # The near-duplicate pair shares a group and a side of the split.
     pair = [
         r
@@ -125,7 +126,7 @@ def test_prepare_cleans_groups_and_splits(messy_raw, tmp_path):
     }
     assert metrics["duplicates"]["exact_sets"] == 2
     assert metrics["duplicates"]["near_groups"] >= 1
-    assert metrics["converted_to_png"] == 2
+    assert "converted_to_png" not in metrics
     assert sum(metrics["per_class"]["val"].values()) == len(val)
 
 
@@ -219,12 +220,26 @@ def test_stage_script_writes_outputs_and_fails_in_one_line(tmp_path):
     ]
 
 
-def test_converted_png_matches_what_tensorflow_reads(tmp_path):
+def test_every_accepted_image_reads_the_same_in_every_later_stage(tmp_path):
+    """Whatever prepare accepts, the tf.data reader (cache, train.input: files) gives
+    exactly the pixels of the one reader: 16-bit BMPs, palettes, EXIF, CMYK, ..."""
+    from image_kinds import bmp_16bit, kinds
+
+    from animalcam.dataset import load_image
+    from animalcam.images import model_pixels
+
     raw = tmp_path / "raw"
     make_class_tree(raw, per_class=5, classes=("cane", "gatto"))
-    save_image(raw / "gatto" / "w.webp", seed=90, size=(50, 50))
-    prepare_dataset(raw, tmp_path / "out", PARAMS, workers=1)
+    for kind in kinds():
+        (raw / "gatto" / kind.name).write_bytes(kind.data)
+    (raw / "cane" / "bmp16.bmp").write_bytes(bmp_16bit()[0])
+    params = dataclasses.replace(PARAMS, min_side=8, near_duplicate_distance=0)
+    prepare_dataset(raw, tmp_path / "out", params, workers=1)
+    rejected = read_csv(tmp_path / "out" / "rejected.csv")
+    assert [r for r in rejected if r["reason"] != "duplicate"] == []
     rows = read_csv(tmp_path / "out" / "train.csv") + read_csv(tmp_path / "out" / "val.csv")
-    row = next(r for r in rows if r["source"].endswith("w.webp"))
-    pixels = np.asarray(Image.open(row["path"]))
-    assert pixels.shape == (50, 50, 3)
+    names = {Path(r["path"]).name for r in rows}
+    assert "bmp16.bmp" in names and "exif6.jpg" in names and "palette.png" in names
+    for row in rows:
+        in_graph = load_image(row["path"], 24).numpy()
+        assert np.array_equal(in_graph, model_pixels(row["path"], (24, 24)).astype(np.float32))

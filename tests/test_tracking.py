@@ -5,7 +5,6 @@ real `mlflow server` on localhost (started here, one per module)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -28,10 +27,9 @@ from test_serving import (
     RED,
     free_port,
     image_bytes,
+    local_server,
     save_color_model,
-    stop,
     subprocess_env,
-    wait_until_up,
 )
 
 from animalcam import provenance, tracking
@@ -54,26 +52,6 @@ def model_file(tmp_path_factory) -> Path:
 def sqlite_uri(tmp_path_factory) -> str:
     """One embedded store for the module (creating its tables takes seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-
-
-@contextlib.contextmanager
-def local_server(args: list[str], env: dict, health: str, log: Path):
-    """Run an MLflow command that serves HTTP on a free localhost port; yield its URL."""
-    port = free_port()
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [*args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}{health}", server, log, timeout_s=120)
-        yield url
-    finally:
-        stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +426,33 @@ def test_unreachable_server_fails_fast_with_one_line(workspace):
         tracking.stage_run("train", fresh_params(), tracking_uri=uri),
     ):
         pytest.fail("the block must not run")
+
+
+def test_credentials_in_the_uri_stay_out_of_runs_files_and_output(
+    server_uri, workspace, capfd, caplog, monkeypatch
+):
+    """A run against a server given as http://user:password@host records normally; the
+    password is in no log line, no output (MLflow's "View run" link), no tag or param,
+    and not in the record next to the model."""
+    password = "Pw-in-uri-7d1e"
+    uri = server_uri.replace("http://", f"http://alice:{password}@")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    params = fresh_params()
+    with caplog.at_level("DEBUG"), tracking.stage_run("train", params, execution="c1") as run:
+        run.log_metrics({"val_accuracy": 0.5})
+        run.record_model_run(MODEL_RUN)
+        run.set_headline({"val_accuracy": 0.5})
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    out, err = capfd.readouterr()
+    assert password not in out + err + caplog.text
+    record = json.loads(Path(MODEL_RUN).read_text())
+    assert record["tracking_uri"] == server_uri and record["run_id"] == run.run_id
+    client = MlflowClient(server_uri)
+    for run_id in (run.run_id, run.parent_run_id):
+        data = client.get_run(run_id).data
+        assert password not in json.dumps([data.tags, data.params])
+        assert "alice" not in json.dumps([data.tags, data.params])
 
 
 def test_server_that_is_not_mlflow_is_reported(workspace, server_uri):

@@ -191,9 +191,9 @@ def test_state_from_other_params_or_data_is_ignored(tmp_path, caplog):
     params = tiny_params()
     state_dir = tmp_path / "state"
     saved = resume.fingerprint(as_dict(params), classes, train_set, val_set)
-    resume.save_state(state_dir, resume.TrainingState(fingerprint=saved, epochs_done=1))
+    resume.save_state(state_dir, resume.TrainingState(fingerprint=saved, phase="main"))
 
-    assert resume.load_state(state_dir, saved).epochs_done == 1
+    assert resume.load_state(state_dir, saved).phase == "main"
     with caplog.at_level(logging.WARNING):
         other_params = as_dict(tiny_params(learning_rate=1e-3, epochs=20))
         assert (

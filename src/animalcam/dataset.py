@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.images import model_pixels
 from animalcam.outputs import read_csv
 from animalcam.params import AugmentParams
 
@@ -115,16 +116,21 @@ def read_manifest(
 
 
 def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read and decode one image file into float32 RGB (image_size, image_size, 3), [0, 255].
+    """One image file as float32 RGB ``(image_size, image_size, 3)`` in [0, 255], in a graph.
 
-    JPEG, PNG, BMP and GIF (first frame); grayscale is expanded and alpha dropped. The
-    image is resized to a square, bilinear, without keeping its aspect ratio, as Keras'
-    image loaders (and the reference study) do, and as explain resizes its inputs.
+    The pixels are :func:`animalcam.images.model_pixels` of the file, the same function
+    that the served model and ``predict`` apply to their inputs (EXIF orientation,
+    transparency, colour modes, first frame, bilinear resize to a square). No pixel
+    limit here: prepare already refused what is over ``prepare.max_pixels``.
     """
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return tf.image.resize(image, (image_size, image_size), method="bilinear")
+
+    def read(name) -> np.ndarray:
+        name = name.item() if isinstance(name, np.ndarray) else name  # eager: a 0-d array
+        return model_pixels(os.fsdecode(name), (image_size, image_size), max_pixels=None)
+
+    pixels = tf.numpy_function(read, [path], tf.uint8, stateful=False)
+    pixels.set_shape([image_size, image_size, 3])
+    return tf.cast(pixels, tf.float32)
 
 
 def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:

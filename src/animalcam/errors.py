@@ -37,9 +37,17 @@ class ModelError(AnimalcamError, ValueError):
     """A model or weights file does not fit what the params ask for."""
 
 
+class StateError(AnimalcamError, OSError):
+    """Saved state (``.train_state/``) is in the way and cannot be discarded by the code."""
+
+
 class TrackingError(AnimalcamError, ConnectionError):
     """The MLflow tracking store cannot be reached or refused to record something."""
 
 
 class DownloadError(AnimalcamError, ConnectionError):
     """Kaggle could not be reached, or the download failed for a reason other than access."""
+
+
+class EnvironmentVariableError(AnimalcamError, ValueError):
+    """An environment variable animalcam reads (ANIMALCAM_LOG_LEVEL, ...) holds a bad value."""

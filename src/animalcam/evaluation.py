@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from animalcam import figures
 from animalcam.errors import DataError, ModelError
+from animalcam.images import decode_rgb
 from animalcam.outputs import write_bytes, write_csv, write_text
 from animalcam.params import EvaluateParams
 
@@ -283,6 +284,8 @@ def predict_probabilities(model: Any, batches: Iterable[Any]) -> np.ndarray:
     outputs = []
     for batch in tqdm(batches, desc="predict", unit="batch", disable=None):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if len(images) == 0:
+            continue  # an empty batch through a convolution fails under oneDNN
         outputs.append(np.asarray(model.predict_on_batch(images), dtype=np.float32))
     if not outputs:
         raise DataError("No images to predict on; check that the validation split is not empty.")
@@ -315,9 +318,9 @@ def write_evaluation(
     :func:`animalcam.explanation.select_examples` chooses). ``paths`` are the images
     in prediction order (repository-relative, as in the manifest).
     """
-    # explanation reads image files through TensorFlow; imported here so that the
-    # metrics above stay importable without it.
-    from animalcam.explanation import read_rgb, select_examples
+    # explanation loads TensorFlow (Grad-CAM); imported here so that the metrics above
+    # stay importable without it.
+    from animalcam.explanation import select_examples
 
     plots_dir = Path(plots_dir)
     y, p = check_predictions(y_true, probabilities, class_names)
@@ -343,7 +346,7 @@ def write_evaluation(
         (CORRECT_PNG, correct, "Correct predictions (most confident, spread over classes)"),
         (INCORRECT_PNG, incorrect, "Incorrect predictions (most confident first)"),
     ):
-        images = [read_rgb(row["path"]) for row in selected]
+        images = [decode_rgb(row["path"], max_pixels=None) for row in selected]
         write_bytes(plots_dir / name, figures.gallery_png(images, selected, heading=heading))
     log.info(
         "accuracy %.4f, macro F1 %.4f on %d images",

@@ -44,6 +44,7 @@ from animalcam.gradcam import (
     resize_heatmaps,
     use_xla,
 )
+from animalcam.images import decode_rgb, resize_for_model
 from animalcam.outputs import replace_directory, write_bytes
 from animalcam.params import ExplainParams
 
@@ -103,16 +104,13 @@ def select_examples(
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB, decoded as training decodes it."""
-    import tensorflow as tf
-
+    """An image file as ``(H, W, 3)`` uint8 RGB, as every stage reads it (for display)."""
     if not Path(path).is_file():
         raise SourceNotFoundError(
             f"Image {path} (listed in the predictions) does not exist; rerun the prepare "
             "and evaluate stages (`dvc repro`) so that the file lists match the data."
         )
-    data = tf.io.read_file(str(path))
-    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    return decode_rgb(path, max_pixels=None)  # prepare checked the pixel limit
 
 
 def model_input_size(model: Any) -> tuple[int, int]:
@@ -126,25 +124,16 @@ def model_input_size(model: Any) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def to_model_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` resized to ``size = (H, W)`` as float32 pixels in [0, 255].
-
-    Bilinear, without keeping the aspect ratio, as Keras' image loaders resize.
-    """
-    import tensorflow as tf
-
-    return tf.image.resize(image, size, method="bilinear").numpy().astype(np.float32)
-
-
 def load_images(
     paths: Sequence[str | Path], size: tuple[int, int]
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """``(originals, inputs)``: each file as uint8 RGB at its own size (for display), and
-    all of them resized for the model, ``(N, H, W, 3)`` float32."""
+    all of them as the model sees them (:func:`animalcam.images.resize_for_model`),
+    ``(N, H, W, 3)`` float32."""
     originals = [read_rgb(path) for path in paths]
     inputs = np.zeros((len(originals), *size, 3), dtype=np.float32)
     for i, image in enumerate(originals):
-        inputs[i] = to_model_input(image, size)
+        inputs[i] = resize_for_model(image, size)
     return originals, inputs
 
 

@@ -65,6 +65,8 @@ def compute_features(
     out = np.zeros((n_images, width), dtype=np.float32)
     start = 0
     for images in tqdm(batches, desc=desc, unit="batch", disable=None):
+        if len(images) == 0:
+            continue  # an empty batch through a convolution fails under oneDNN
         values = np.asarray(extractor.predict_on_batch(images), dtype=np.float32)
         out[start : start + len(values)] = values
         start += len(values)

@@ -322,11 +322,18 @@ class GradCam:
                 f"Class index {int(targets[bad][0])} is out of range for a model with "
                 f"{n_classes} classes (0..{n_classes - 1}, or {PREDICTED} for the prediction)."
             )
-        maps, probabilities = self._run(images, targets)
-        heatmaps = _normalise(maps.numpy())
+        if len(images) == 0:
+            # Never through the model: an empty batch through a convolution fails under
+            # oneDNN (TensorFlow's default CPU kernels on AVX-512 machines).
+            height, width = self.grad_model.outputs[0].shape[1:3]
+            maps = np.zeros((0, targets.shape[1], height, width), dtype=np.float32)
+            probabilities = np.zeros((0, n_classes), dtype=np.float32)
+        else:
+            maps, probabilities = (t.numpy() for t in self._run(images, targets))
+        heatmaps = _normalise(maps)
         if class_indices is None or one_per_image:
             heatmaps = heatmaps[:, 0]
-        return heatmaps, probabilities.numpy()
+        return heatmaps, probabilities
 
 
 def use_xla(setting: str) -> bool:

@@ -3,20 +3,22 @@
 Training at 224 px decodes each original (a JPEG or PNG of a few hundred pixels a side)
 and resizes it every epoch; the cache stage does that once per image and writes the
 result to sharded TFRecords under ``data/cache/``, which train and evaluate stream
-instead. Resolution: exactly ``train.image_size``, bilinear, aspect ratio not kept, as
-:func:`animalcam.dataset.load_image` does. No margin: the study's augmentations
-(rotation, shift, shear, zoom, flip) all act on the resized square with nearest-edge
-fill, so extra pixels around it would never be used, and an exact size means the cached
-and the on-the-fly pipelines feed the model the same pixels (to JPEG rounding).
+instead. The pixels are :func:`animalcam.images.model_pixels` of each file, exactly what
+the served model computes from the same file: ``train.image_size``, bilinear, aspect ratio
+not kept. No margin: the study's augmentations (rotation, shift, shear, zoom, flip) all act
+on the resized square with nearest-edge fill, so extra pixels around it would never be
+used.
 
 Layout::
 
     data/cache/index.json          format, image_size, encoding, and per split the
-                                   manifest paths (in order) and its shard files
+                                   manifest paths (in order), its shard files and their sizes
     data/cache/<split>-NNNNN.tfrecord   records {path, label, image} in manifest order
 
-``image`` is a JPEG (``cache.encoding: jpeg``) or the serialised uint8 tensor
-(``raw``). :func:`build_cache` streams through ``tf.data`` (parallel decode, bounded
+``image`` is a PNG (``cache.encoding: png``, lossless: evaluate sees exactly what serving
+sees), a JPEG (``jpeg``: smaller, but lossy, so evaluate and serving differ by its
+rounding) or the serialised uint8 tensor (``raw``: exact, largest, no decoding).
+:func:`build_cache` streams through ``tf.data`` (parallel decode, bounded
 buffers), so its memory does not grow with the dataset. Readers check that the cache was
 made for the same manifest and image size and say how to rebuild it otherwise.
 """
@@ -47,9 +49,10 @@ from animalcam.params import CacheParams
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
-FORMAT = 1  # bump when the record layout changes; readers then ask for a rebuild
+FORMAT = 2  # bump when the record layout changes; readers then ask for a rebuild
 SPLITS = ("train", "val")
-_REBUILD = "rebuild it with `dvc repro cache`"
+ENCODINGS = ("png", "jpeg", "raw")
+_REBUILD = "rebuild it with `dvc repro -f cache` (or restore it with `dvc checkout data/cache`)"
 _FEATURES = {
     "path": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -101,7 +104,12 @@ def build_cache(
         for split in SPLITS:
             manifest = read_manifest(prepared_dir / f"{split}.csv", class_names, root)
             shards = _write_split(tmp, split, manifest, image_size, params)
-            index["splits"][split] = {"paths": list(manifest.paths), "shards": shards}
+            index["splits"][split] = {
+                "paths": list(manifest.paths),
+                "shards": shards,
+                # Checked by readers: a truncated shard is found before training starts.
+                "shard_bytes": [(tmp / name).stat().st_size for name in shards],
+            }
             total += len(manifest)
             log.info("cached %d %s images in %d shard(s)", len(manifest), split, len(shards))
         write_json(tmp / INDEX, index)
@@ -115,7 +123,9 @@ def _write_split(
     def encode(path, label):
         pixels = load_image(path, image_size)
         pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
-        if params.encoding == "jpeg":
+        if params.encoding == "png":
+            data = tf.io.encode_png(pixels)
+        elif params.encoding == "jpeg":
             data = tf.io.encode_jpeg(pixels, quality=params.quality, chroma_downsampling=False)
         else:
             data = tf.io.serialize_tensor(pixels)
@@ -165,13 +175,8 @@ def open_split(
     by another version of this code is a DataError. Both say how to rebuild it.
     """
     cache_dir = Path(cache_dir)
-    index_path = cache_dir / INDEX
-    if not index_path.is_file():
-        raise SourceNotFoundError(
-            f"{index_path} does not exist; {_REBUILD}, or set train.input: files."
-        )
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    if index.get("format") != FORMAT or split not in index.get("splits", {}):
+    index = _read_index(cache_dir)
+    if index["format"] != FORMAT or split not in index["splits"]:
         raise DataError(f"{cache_dir} was written by another version of animalcam; {_REBUILD}.")
     if index["image_size"] != image_size:
         raise DataError(
@@ -184,11 +189,56 @@ def open_split(
             f"{cache_dir} was built from another {split} split than the current manifest; "
             f"{_REBUILD}."
         )
+    for name, size in zip(entry["shards"], entry["shard_bytes"], strict=True):
+        shard = cache_dir / name
+        if not shard.is_file() or shard.stat().st_size != size:
+            raise DataError(
+                f"{shard} is missing or has another size than when it was written (a "
+                f"killed copy, a disk error?); {_REBUILD}."
+            )
     return CachedSplit(
         shards=tuple(str(cache_dir / name) for name in entry["shards"]),
         paths=tuple(entry["paths"]),
         image_size=image_size,
         encoding=index["encoding"],
+    )
+
+
+def _read_index(cache_dir: Path) -> dict:
+    """``index.json``, checked for the fields readers use; one-line errors otherwise."""
+    index_path = cache_dir / INDEX
+    if not index_path.is_file():
+        raise SourceNotFoundError(
+            f"{index_path} does not exist; {_REBUILD}, or set train.input: files."
+        )
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        valid = (
+            isinstance(index, dict)
+            and isinstance(index.get("image_size"), int)
+            and index.get("encoding") in ENCODINGS
+            and isinstance(index.get("splits"), dict)
+            and all(_valid_entry(entry) for entry in index["splits"].values())
+        )
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise DataError(f"{index_path} cannot be read ({exc}); {_REBUILD}.") from None
+    if not valid:
+        raise DataError(f"{index_path} is not a cache index this code wrote; {_REBUILD}.")
+    return index
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    paths, shards, sizes = entry.get("paths"), entry.get("shards"), entry.get("shard_bytes")
+    return (
+        isinstance(paths, list)
+        and all(isinstance(p, str) for p in paths)
+        and isinstance(shards, list)
+        and all(isinstance(s, str) and "/" not in s and s not in ("", ".", "..") for s in shards)
+        and isinstance(sizes, list)
+        and len(sizes) == len(shards)
+        and all(isinstance(n, int) for n in sizes)
     )
 
 
@@ -200,7 +250,7 @@ def cached_or_files(
     try:
         cached = open_split(cache_dir, split, manifest, image_size)
     except (SourceNotFoundError, DataError) as exc:
-        log.info("reading the original files: %s", exc)
+        log.warning("reading the original files instead of the image cache: %s", exc)
         return image_dataset(manifest.paths, image_size=image_size, batch_size=batch_size)
     return cached_dataset(cached, batch_size=batch_size, labels=False)
 
@@ -208,7 +258,9 @@ def cached_or_files(
 def decode_record(record: tf.Tensor, split: CachedSplit) -> tuple[tf.Tensor, tf.Tensor]:
     """``(image, label)``: float32 (S, S, 3) pixels in [0, 255] and the class index."""
     parsed = tf.io.parse_single_example(record, _FEATURES)
-    if split.encoding == "jpeg":
+    if split.encoding == "png":
+        pixels = tf.io.decode_png(parsed["image"], channels=3)
+    elif split.encoding == "jpeg":
         pixels = tf.io.decode_jpeg(parsed["image"], channels=3)
     else:
         pixels = tf.io.parse_tensor(parsed["image"], tf.uint8)

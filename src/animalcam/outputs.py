@@ -3,6 +3,11 @@
 Each writer fills a temporary sibling and renames it into place (``os.replace`` is atomic
 on one filesystem). A reader, DVC included, sees the old file or the new one, never a
 torn one.
+
+Temporary siblings are named ``.<name>.<pid>-<random>.tmp``. A process killed outright
+(SIGKILL, power loss) cannot remove its own, so every writer first removes the siblings
+of its target that a dead process left behind: the pid in the name tells a leftover from
+the work of a writer that is still running, which is never touched.
 """
 
 from __future__ import annotations
@@ -11,11 +16,20 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
@@ -24,10 +38,109 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def _process_start() -> float:
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:  # no /proc (a locked-down container): this module's import time
+        return time.time()
+
+
+# A leftover must be older than this process: whatever appeared since belongs to a writer
+# that started after us, alive or not, and is left for a later run to judge.
+_STARTED = _process_start()
+
+
+def temp_prefix(name: str) -> str:
+    """The start of this process's temporary names for ``name``: ``.<name>.<pid>-``."""
+    return f".{name}.{os.getpid()}-"
+
+
+def process_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not). With ``started`` (its
+    ``create_time``), a process that took over the pid later does not count either."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = process.create_time()
+    except (psutil.NoSuchProcess, ValueError, OverflowError):
+        return False
+    except psutil.Error:  # alive, but we may not look at it (another user's)
+        return True
+    return started is None or abs(created - started) < 1.0
+
+
+# What tempfile's mkstemp/mkdtemp make from temp_prefix(name): eight random characters,
+# then the suffix (".tmp", or ".tmp.keras" for models); "-old" marks a replaced directory.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}(?:-old)?\.tmp(?:\.\w+)?")
+_swept: set[Path] = set()
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and directories in ``folder`` that killed processes left.
+
+    Only names this module makes (``.<name>.<pid>-<random>.tmp``) qualify, and only when
+    that pid is not alive and the entry is older than this process. Returns what was
+    deleted; a leftover that cannot be removed is logged, and the write goes on.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if not match or int(match["pid"]) == os.getpid() or process_alive(int(match["pid"])):
+            continue
+        try:
+            if entry.lstat().st_mtime >= _STARTED:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s, left by a killed run: %s", entry, exc)
+            continue
+        log.info("removed %s, left by a killed run", entry)
+        removed.append(entry)
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    # Once per folder and process: a stage writing many files into one folder pays once.
+    folder = folder.absolute()
+    if folder not in _swept:
+        _swept.add(folder)
+        remove_stale_temps(folder)
+
+
+def temp_file(path: str | Path, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
+    """``mkstemp`` beside ``path`` under this module's temporary name (leftovers of dead
+    writers removed first): (open descriptor, name). The caller renames or deletes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_once(path.parent)
+    return tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=suffix)
+
+
+@contextlib.contextmanager
+def temporary_directory(parent: str | Path, name: str) -> Iterator[Path]:
+    """A scratch directory ``<parent>/.<name>.<pid>-<random>.tmp``, deleted on the way out
+    (exception or not); leftovers of killed runs beside it are removed first."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(parent)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=TEMP_SUFFIX))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -67,17 +180,34 @@ def replace_directory(target: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name; swap it in for ``target`` on success.
 
     On any exception the temporary directory is removed and ``target`` is untouched, so
-    an interrupted stage never leaves a directory that looks complete.
+    an interrupted stage never leaves a directory that looks complete. The old ``target``
+    is renamed away before the new one takes its place and only then deleted, so a kill
+    at any moment leaves the old directory, the new one or none, never a half-deleted one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _sweep_once(target.parent)
+    prefix = temp_prefix(target.name)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TEMP_SUFFIX))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide outputs on shared runners
+    old = tmp.with_name(tmp.name[: -len(TEMP_SUFFIX)] + "-old" + TEMP_SUFFIX)
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists() or target.is_symlink():
+            os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
+        if old.exists() and not (target.exists() or target.is_symlink()):
+            os.replace(old, target)  # interrupted between the two renames: put it back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_old(old)
+
+
+def _remove_old(old: Path) -> None:
+    # The new directory is in place; an interruption here only leaves `old` for the next
+    # writer's leftover sweep.
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists() or old.is_symlink():
+        old.unlink()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +28,56 @@ from animalcam.errors import ParamsError, SourceNotFoundError
 DEFAULT_PATH = Path("params.yaml")
 
 
+# numpy's legacy seeding and TensorFlow's op seeds take 32-bit values; keep to int32.
+MAX_SEED = 2**31 - 1
+# Longest path or name we take: PATH_MAX on Linux; MLflow's database columns hold 256.
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 256
+# Control characters (NUL, newline, escape sequences ...) and lone surrogates (YAML's
+# "\ud800" escape) have no place in a path or a name: they break open(), log lines and
+# MLflow's database.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ParamsError(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}.")
+        raise ParamsError(
+            f"params.yaml: {key} = {_show(value)} is not allowed; expected {allowed}."
+        )
+
+
+def _check_ints(obj: object, prefix: str, **ranges: tuple[int, int]) -> None:
+    """Each named integer field of ``obj`` within its [low, high]."""
+    for name, (low, high) in ranges.items():
+        value = getattr(obj, name)
+        _check(low <= value <= high, f"{prefix}.{name}", value, f"an integer in [{low}, {high}]")
+
+
+def _is_clean_text(value: str, max_chars: int) -> bool:
+    return bool(value.strip()) and len(value) <= max_chars and not _CONTROL.search(value)
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() for messages, bounded however long or deeply nested the value is (YAML
+    aliases let a small file hold a huge list), and safe for integers too long for str()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 80
+        self.maxlevel = 2
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:  # about 60 digits; str() refuses beyond 4300
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return repr(x)
+
+
+_short_repr = _ShortRepr()
+
+
+def _show(value: object) -> str:
+    text = _short_repr.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 @dataclass(frozen=True)
@@ -38,23 +88,31 @@ class DataParams:
     # The real archive unpacks to about 0.6 GB; refuse anything claiming to be far
     # larger before writing a byte (zip bombs, wrong file).
     max_extract_gb: float = 20.0
+    # Animals-10 has about 26,000 files; 200,000 leaves room for much larger image sets
+    # while refusing archives of millions of tiny entries, whose listing alone exhausts
+    # memory and inodes (and which no image dataset needs).
+    max_members: int = 200_000
 
     def check(self, prefix: str) -> None:
         _check(
-            bool(self.source.strip()),
+            _is_clean_text(self.source, MAX_PATH_CHARS),
             f"{prefix}.source",
             self.source,
             "'kaggle' or a path to a local .zip or folder",
         )
         _check(
-            "/" in self.kaggle_dataset,
+            re.fullmatch(r"[\w.-]+/[\w.-]+(/\d+)?", self.kaggle_dataset, re.ASCII) is not None,
             f"{prefix}.kaggle_dataset",
             self.kaggle_dataset,
-            "'<owner>/<dataset>'",
+            "'<owner>/<dataset>' or '<owner>/<dataset>/<version>'",
         )
         _check(
-            self.max_extract_gb > 0, f"{prefix}.max_extract_gb", self.max_extract_gb, "a number > 0"
+            0 < self.max_extract_gb < float("inf"),
+            f"{prefix}.max_extract_gb",
+            self.max_extract_gb,
+            "a finite number > 0",
         )
+        _check_ints(self, prefix, max_members=(1, 100_000_000))
 
 
 @dataclass(frozen=True)
@@ -86,8 +144,8 @@ class PrepareParams:
             self.class_set,
             "'animals10' or 'folders'",
         )
-        _check(self.min_side >= 1, f"{prefix}.min_side", self.min_side, "an integer >= 1")
-        _check(self.max_pixels >= 1, f"{prefix}.max_pixels", self.max_pixels, "an integer >= 1")
+        # 65535 px: the largest side a JPEG can have; 1 Gpx decodes to 3 GB of RGB.
+        _check_ints(self, prefix, seed=(0, MAX_SEED), min_side=(1, 65_535), max_pixels=(1, 10**9))
         _check(
             0 <= self.near_duplicate_distance <= 16,
             f"{prefix}.near_duplicate_distance",
@@ -95,10 +153,10 @@ class PrepareParams:
             "an integer in [0, 16]",
         )
         _check(
-            self.min_per_class >= 2,
+            2 <= self.min_per_class <= 1_000_000,
             f"{prefix}.min_per_class",
             self.min_per_class,
-            "an integer >= 2 (one image each side of the split)",
+            "an integer in [2, 1000000] (at least one image each side of the split)",
         )
 
 
@@ -191,10 +249,10 @@ class TrainParams:
             "one of " + ", ".join(sorted(BACKBONES)),
         )
         _check(
-            bool(self.weights.strip()),
+            _is_clean_text(self.weights, MAX_PATH_CHARS),
             f"{prefix}.weights",
             self.weights,
-            "'imagenet', 'none' or a path to a weights file",
+            "'imagenet', 'none' or a path to a weights file (no control characters)",
         )
         _check(
             self.preprocessing in ("backbone", "rescale"),
@@ -202,21 +260,25 @@ class TrainParams:
             self.preprocessing,
             "'backbone' or 'rescale'",
         )
-        _check(self.image_size >= 32, f"{prefix}.image_size", self.image_size, "an integer >= 32")
-        for name in (
-            "batch_size",
-            "epochs",
-            "dense_units",
-            "top_k",
-            "early_stopping_patience",
-            "reduce_lr_patience",
-        ):
-            value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "an integer >= 1")
+        # Upper bounds far above any real use, below what exhausts memory or overflows.
+        _check_ints(
+            self,
+            prefix,
+            image_size=(32, 2048),
+            batch_size=(1, 65_536),
+            epochs=(1, 100_000),
+            dense_units=(1, 65_536),
+            top_k=(1, 1000),
+            early_stopping_patience=(1, 100_000),
+            reduce_lr_patience=(1, 100_000),
+            seed=(0, MAX_SEED),
+            shuffle_buffer=(1, 1_000_000),
+            feature_copies=(1, 100),  # each copy is one more backbone pass over the data
+        )
         for name in ("learning_rate", "warmup_learning_rate"):
             value = getattr(self, name)
-            _check(value > 0, f"{prefix}.{name}", value, "a number > 0")
-        _check(self.min_lr >= 0, f"{prefix}.min_lr", self.min_lr, "a number >= 0")
+            _check(0 < value <= 10, f"{prefix}.{name}", value, "a number in (0, 10]")
+        _check(0 <= self.min_lr <= 10, f"{prefix}.min_lr", self.min_lr, "a number in [0, 10]")
         _check(
             0 < self.reduce_lr_factor < 1,
             f"{prefix}.reduce_lr_factor",
@@ -226,14 +288,15 @@ class TrainParams:
         for name in ("dropout", "label_smoothing"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"{prefix}.{name}", value, "a number in [0, 1)")
+        blocks = len(BACKBONES[self.backbone].blocks)
         trainable_ok = self.trainable in ("all", "head") or (
-            isinstance(self.trainable, int) and self.trainable >= 1
+            isinstance(self.trainable, int) and 1 <= self.trainable <= blocks
         )
         _check(
             trainable_ok,
             f"{prefix}.trainable",
             self.trainable,
-            "'all', 'head', or a number of top conv blocks >= 1",
+            f"'all', 'head', or a number of top blocks of {self.backbone} in [1, {blocks}]",
         )
         _check(
             0 <= self.warmup_epochs < self.epochs,
@@ -256,9 +319,6 @@ class TrainParams:
             self.feature_cache,
             "'auto' or 'off'",
         )
-        for name in ("shuffle_buffer", "feature_copies"):
-            value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "an integer >= 1")
         _check(
             self.mixed_precision in ("auto", "on", "off"),
             f"{prefix}.mixed_precision",
@@ -272,26 +332,25 @@ class CacheParams:
     """The prepared-image cache (data/cache): each usable image decoded and resized once,
     to train.image_size, so that train and evaluate never decode the originals again."""
 
-    # "jpeg": re-encoded at `quality` (about 25 KB an image at 224 px, so the 26k images
-    # take ~0.6 GB; decoding a 224 px JPEG is far cheaper than a full-size original).
-    # "raw": uint8 pixels (150 KB an image at 224 px), exact, no decoding at all.
-    encoding: str = "jpeg"
+    # "png": lossless, so train and evaluate see exactly the pixels the served model
+    # computes from the same file. "jpeg": re-encoded at `quality`, a few times smaller,
+    # but lossy (evaluate then differs from serving by JPEG rounding). "raw": uint8
+    # pixels, exact, largest, no decoding at all. Sizes: docs/benchmarks.md.
+    encoding: str = "png"
     quality: int = 95  # JPEG quality; 95 keeps pixels within a few levels of the resize
     shard_images: int = 1024  # images per TFRecord shard (shuffled shard order per epoch)
 
     def check(self, prefix: str) -> None:
         _check(
-            self.encoding in ("jpeg", "raw"),
+            self.encoding in ("png", "jpeg", "raw"),
             f"{prefix}.encoding",
             self.encoding,
-            "'jpeg' or 'raw'",
+            "'png', 'jpeg' or 'raw'",
         )
         _check(
             1 <= self.quality <= 100, f"{prefix}.quality", self.quality, "an integer in [1, 100]"
         )
-        _check(
-            self.shard_images >= 1, f"{prefix}.shard_images", self.shard_images, "an integer >= 1"
-        )
+        _check_ints(self, prefix, shard_images=(1, 100_000))
 
 
 @dataclass(frozen=True)
@@ -302,9 +361,14 @@ class EvaluateParams:
     calibration_bins: int = 15  # for the expected calibration error
 
     def check(self, prefix: str) -> None:
-        for name in ("batch_size", "top_k", "gallery_size", "calibration_bins"):
-            value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "an integer >= 1")
+        _check_ints(
+            self,
+            prefix,
+            batch_size=(1, 65_536),
+            top_k=(1, 1000),
+            gallery_size=(1, 1000),  # images in one figure
+            calibration_bins=(1, 1000),
+        )
 
 
 @dataclass(frozen=True)
@@ -320,10 +384,20 @@ class ExplainParams:
     xla: str = "auto"
 
     def check(self, prefix: str) -> None:
-        for name in ("n_correct", "n_incorrect"):
-            value = getattr(self, name)
-            _check(value >= 0, f"{prefix}.{name}", value, "an integer >= 0")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check_ints(
+            self,
+            prefix,
+            n_correct=(0, 1000),  # one Grad-CAM panel each
+            n_incorrect=(0, 1000),
+            batch_size=(1, 65_536),
+            seed=(0, MAX_SEED),
+        )
+        _check(
+            self.layer is None or _is_clean_text(self.layer, MAX_NAME_CHARS),
+            f"{prefix}.layer",
+            self.layer,
+            f"null or a layer name of 1 to {MAX_NAME_CHARS} characters, no control characters",
+        )
         _check(0 < self.alpha < 1, f"{prefix}.alpha", self.alpha, "a number in (0, 1)")
         _check(
             self.xla in ("auto", "on", "off"), f"{prefix}.xla", self.xla, "'auto', 'on' or 'off'"
@@ -344,7 +418,20 @@ class MlflowParams:
     def check(self, prefix: str) -> None:
         for name in ("experiment", "registered_model"):
             value = getattr(self, name)
-            _check(bool(value.strip()), f"{prefix}.{name}", value, "a non-empty name")
+            _check(
+                _is_clean_text(value, MAX_NAME_CHARS),
+                f"{prefix}.{name}",
+                value,
+                f"a name of 1 to {MAX_NAME_CHARS} characters, no control characters",
+            )
+        # The model registry's own rule: the name becomes part of models:/<name>/<version>.
+        name = self.registered_model
+        _check(
+            not any(c in name for c in "/:") and not name.startswith("..") and name != ".",
+            f"{prefix}.registered_model",
+            name,
+            "a model name without '/' or ':', not '.' and not starting with '..'",
+        )
 
 
 @dataclass(frozen=True)
@@ -358,6 +445,10 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
+# The repository's params.yaml is 3 KB; anything this large is not a settings file.
+MAX_FILE_BYTES = 1 << 20
+
+
 def load_params(path: str | Path = DEFAULT_PATH) -> Params:
     """Read and validate ``params.yaml``; raise ParamsError on the first problem."""
     path = Path(path)
@@ -365,11 +456,46 @@ def load_params(path: str | Path = DEFAULT_PATH) -> Params:
         raise SourceNotFoundError(
             f"{path} not found; run from the repository root, where params.yaml lives."
         )
+    raw = _parse_yaml(path, _read_text(path))
+    if raw is None:
+        raise ParamsError(
+            f"{path} is empty; it should hold the sections "
+            f"{', '.join(f.name for f in dataclasses.fields(Params))}. "
+            f"Restore it from the repository (git checkout -- {path})."
+        )
+    return params_from_dict(raw)
+
+
+def _read_text(path: Path) -> str:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ParamsError(
+                f"{path} is {size} bytes, more than a settings file holds "
+                f"(limit {MAX_FILE_BYTES}); check that it is the right file."
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ParamsError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ParamsError(
+            f"{path} is not UTF-8 text (byte {data[exc.start]:#04x} on line {line}); "
+            "save it as UTF-8."
+        ) from None
+
+
+def _parse_yaml(path: Path, text: str) -> object:
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-    return params_from_dict(raw or {})
+    except ValueError as exc:  # an integer longer than Python converts (4300 digits)
+        raise ParamsError(f"{path} holds a value YAML cannot read: {exc}.") from None
+    except RecursionError:
+        raise ParamsError(f"{path} nests lists or mappings too deeply to read.") from None
 
 
 def params_from_dict(raw: object) -> Params:
@@ -382,10 +508,10 @@ def as_dict(params: object) -> dict[str, Any]:
 
 
 def _build(cls: type, raw: object, prefix: str) -> Any:
-    where = prefix or "params.yaml"
+    where = prefix or "the top level"
     if not isinstance(raw, dict):
         raise ParamsError(
-            f"params.yaml: {where} should be a mapping of keys to values, got {raw!r}."
+            f"params.yaml: {where} should be a mapping of keys to values, got {_show(raw)}."
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -394,7 +520,7 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ParamsError(
-                f"params.yaml: unknown key '{_join(prefix, key)}'.{hint} "
+                f"params.yaml: unknown key {_show(_join(prefix, key))}.{hint} "
                 f"Allowed in {where}: {', '.join(names)}."
             )
     values = {
@@ -403,7 +529,29 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
     obj = cls(**values)
     if hasattr(obj, "check"):
         obj.check(prefix)
+    _check_limits(obj, prefix)
     return obj
+
+
+def _check_limits(obj: object, prefix: str) -> None:
+    """What every field must satisfy, whatever its own check says (or forgets): a number
+    is finite, an integer fits in 64 bits (numpy, TensorFlow, SQLite), text has no
+    control characters and fits a path."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value, key = getattr(obj, f.name), _join(prefix, f.name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, value, "a finite number")
+        elif isinstance(value, int):
+            _check(-(2**63) <= value < 2**63, key, value, "an integer that fits in 64 bits")
+        elif isinstance(value, str):
+            _check(
+                _is_clean_text(value, MAX_PATH_CHARS),
+                key,
+                value,
+                f"non-blank text of at most {MAX_PATH_CHARS} characters, no control characters",
+            )
 
 
 def _join(prefix: str, key: object) -> str:
@@ -426,7 +574,7 @@ def _convert(hint: Any, value: object, key: str) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _to_float(value, key)
         # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string; accept it as the number
         # the user meant.
         if option is float and isinstance(value, str):
@@ -437,4 +585,13 @@ def _convert(hint: Any, value: object, key: str) -> Any:
         if option is str and isinstance(value, str):
             return value
     wanted = " or ".join(_TYPE_WORDS.get(o, "null") for o in options)
-    raise ParamsError(f"params.yaml: {key} = {value!r} has the wrong type; expected {wanted}.")
+    raise ParamsError(f"params.yaml: {key} = {_show(value)} has the wrong type; expected {wanted}.")
+
+
+def _to_float(value: float, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range, such as 10**400
+        raise ParamsError(
+            f"params.yaml: {key} = {_show(value)} is not allowed; expected a finite number."
+        ) from None

@@ -6,8 +6,9 @@
 3. Keep one copy of each exact duplicate; group near-duplicates by perceptual hash.
 4. Split stratified by class, seeded, whole groups to one side
    (:func:`animalcam.splitting.stratified_group_split`).
-5. Write ``train.csv``, ``val.csv``, ``classes.json``, ``rejected.csv`` and, for files
-   TensorFlow cannot read as they are, RGB PNG copies under ``images/``.
+5. Write ``train.csv``, ``val.csv``, ``classes.json`` and ``rejected.csv``. Manifest paths
+   point at the files in ``data/raw``: every later stage reads them with the same reader
+   (:mod:`animalcam.images`), so an image accepted here is readable everywhere.
 
 Sources are only read. Everything is built in a temporary directory that replaces the
 output directory only when complete, and every file is sorted so that the same data and
@@ -23,7 +24,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -58,7 +59,6 @@ class PreparedData:
     exact_duplicate_sets: int = 0
     near_duplicate_groups: int = 0
     cross_class_groups: int = 0
-    converted: int = 0
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -104,8 +104,7 @@ def prepare_dataset(
     ]
 
     with outputs.replace_directory(out_dir) as staging:
-        jobs = [(path, _converted_name(path, raw_dir)) for path, _ in labelled]
-        checks = _check_all(jobs, staging, params, workers)
+        checks = _check_all([path for path, _ in labelled], params, workers)
         labels = [label for _, label in labelled]
 
         usable: list[int] = []
@@ -126,17 +125,12 @@ def prepare_dataset(
             [labels[i] for i in usable], groups.tolist(), params.val_split, params.seed
         )
 
-        final_images = out_dir / "images"
         rows = []
         for position, index in enumerate(usable):
             check = checks[index]
-            path = check.path
-            if check.converted:
-                relative = Path(check.converted).relative_to(staging / "images")
-                path = str(final_images / relative)
             rows.append(
                 {
-                    "path": _posix(path),
+                    "path": _posix(check.path),
                     "label": labels[index],
                     "source": _posix(check.path),
                     "group": str(int(groups[position])),
@@ -163,7 +157,6 @@ def prepare_dataset(
         exact_duplicate_sets=n_exact,
         near_duplicate_groups=sum(1 for size in group_sizes.values() if size > 1),
         cross_class_groups=sum(1 for names in group_labels.values() if len(names) > 1),
-        converted=sum(1 for i in usable if checks[i].converted),
     )
     result.counts = {
         split: {name: sum(1 for r in rows if r["label"] == name) for name in classes}
@@ -193,7 +186,6 @@ def data_metrics(result: PreparedData) -> dict:
             "near_groups": result.near_duplicate_groups,
             "cross_class_groups": result.cross_class_groups,
         },
-        "converted_to_png": result.converted,
     }
 
 
@@ -207,33 +199,14 @@ def class_distribution_rows(result: PreparedData) -> list[tuple[str, int, int]]:
     ]
 
 
-def _check_all(
-    jobs: list[tuple[Path, PurePosixPath]],
-    staging: Path,
-    params: PrepareParams,
-    workers: int | None,
-) -> list[ImageCheck]:
-    check = partial(
-        _check_one, staging=staging, min_side=params.min_side, max_pixels=params.max_pixels
-    )
-    progress = partial(tqdm, total=len(jobs), desc="checking images", unit="img", disable=None)
+def _check_all(paths: list[Path], params: PrepareParams, workers: int | None) -> list[ImageCheck]:
+    check = partial(check_image, min_side=params.min_side, max_pixels=params.max_pixels)
+    progress = partial(tqdm, total=len(paths), desc="checking images", unit="img", disable=None)
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) < _PARALLEL_FROM:
-        return list(progress(map(check, jobs)))
+    if workers == 1 or len(paths) < _PARALLEL_FROM:
+        return list(progress(map(check, paths)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(check, jobs, chunksize=32)))
-
-
-def _check_one(
-    job: tuple[Path, PurePosixPath], *, staging: Path, min_side: int, max_pixels: int
-) -> ImageCheck:
-    path, converted_name = job
-    return check_image(
-        path,
-        min_side=min_side,
-        max_pixels=max_pixels,
-        convert_to=staging / "images" / converted_name,
-    )
+        return list(progress(pool.map(check, paths, chunksize=32)))
 
 
 def _drop_exact_duplicates(
@@ -282,11 +255,6 @@ def _require_enough_per_class(
 
 def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     outputs.write_csv(path, MANIFEST_COLUMNS, ([r[c] for c in MANIFEST_COLUMNS] for r in rows))
-
-
-def _converted_name(path: Path, raw_dir: Path) -> PurePosixPath:
-    # The full relative name plus .png: unique even for cat.jpg next to cat.webp.
-    return PurePosixPath(path.relative_to(raw_dir).as_posix() + ".png")
 
 
 def _posix(path: str | Path) -> str:

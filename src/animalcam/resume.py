@@ -10,20 +10,25 @@ does not wipe it when it reruns the stage):
 - ``state.json``, written last and atomically, the commit point: epochs done, training
   phase, per-epoch history, the state of ModelCheckpoint, EarlyStopping and
   ReduceLROnPlateau (best value, wait and cooldown counters), timing, and a fingerprint
-  of the train params and the data. Weight files it does not name are leftovers of an
-  interrupted write and are deleted.
+  of the train params, the data, the training code and the library versions. Weight
+  files it does not name are leftovers of an interrupted write and are deleted.
 
 ``keras.callbacks.BackupAndRestore`` was not enough: it restores weights, optimizer and
 epoch, but not the other callbacks' counters (so EarlyStopping's patience and
 ReduceLROnPlateau's plateau would restart), nor the history of earlier epochs, and it
 never checks that the saved state belongs to the same params and data.
 
-A state made with other params or data is ignored (and the reason logged); the run
-starts fresh. The train stage deletes the directory once its outputs are written.
+A state is ignored, with one warning that says why, and the run starts fresh, when it
+was made with other params, data, training code (the animalcam modules training imports)
+or library versions (TensorFlow, Keras, NumPy, h5py), and when it cannot be used: a
+state.json that is not UTF-8 or not JSON, lacks fields or holds values of the wrong type,
+a weights file that is missing, truncated or does not load. The train stage deletes the
+directory once its outputs are written.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -31,20 +36,27 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
+import numpy as np
+import tensorflow as tf
 
 from animalcam.dataset import Manifest
+from animalcam.errors import StateError
 from animalcam.outputs import write_json
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-FORMAT = 1  # bump when the layout of state.json changes; older states are then ignored
+FORMAT = 2  # bump when the layout of state.json changes; older states are then ignored
 BEST_PATTERN = "best-epoch{epoch:03d}.weights.h5"  # ModelCheckpoint formats it, 1-based
+WEIGHTS_SUFFIX = ".weights.h5"
+PHASES = ("warmup", "main", "done")
+TRAINING_MODULE = "training"  # it and the animalcam modules it imports make up the code
 
 
 @dataclass
@@ -66,17 +78,23 @@ class TrainingState:
     sessions: int = 0  # how many processes have worked on this run
 
 
+class UnusableStateError(Exception):
+    """A weights file of a saved state does not load: the run must start fresh."""
+
+
 def fingerprint(
     train_params: dict[str, Any],
     class_names: Sequence[str],
     train_set: Manifest,
     val_set: Manifest,
 ) -> dict[str, Any]:
-    """What must not change for a saved state to be resumed: params and data.
+    """What must not change for a saved state to be resumed: params, data, code, libraries.
 
     The data part hashes each split's paths, labels and file sizes (not the pixels:
     hashing 26k images would cost more than it protects; DVC already reruns the stage
-    when the prepared data change).
+    when the prepared data change). The code part hashes the modules that train (see
+    :func:`code_digests`); the libraries part names the versions of those that compute
+    and store the weights.
     """
     data = hashlib.sha256()
     data.update(json.dumps(list(class_names)).encode())
@@ -84,46 +102,225 @@ def fingerprint(
         data.update(b"\x00split")
         for path, label, size in zip(split.paths, split.labels, split.sizes, strict=True):
             data.update(f"{path}\x00{label}\x00{size}\n".encode())
-    return {"format": FORMAT, "params": train_params, "data": data.hexdigest()}
+    return {
+        "format": FORMAT,
+        "params": train_params,
+        "data": data.hexdigest(),
+        "code": code_digests(),
+        "libraries": library_versions(),
+    }
+
+
+def code_digests() -> dict[str, str]:
+    """``{"training.py": sha256, ...}`` over the training module and every animalcam
+    module it imports, directly or not (found by reading their import statements)."""
+    package = Path(__file__).resolve().parent
+    todo, seen = [TRAINING_MODULE], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen and (package / f"{name}.py").is_file():
+            seen.add(name)
+            todo.extend(_imported_modules(package / f"{name}.py"))
+    return {
+        f"{name}.py": hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest()
+        for name in sorted(seen)
+    }
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Names of the animalcam modules ``path`` imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] == "animalcam":  # from animalcam[.x] import y
+                names.update(parts[1:2] or [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "animalcam" and len(parts) > 1:
+                    names.add(parts[1])
+    return names
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose change could change or misread the saved weights."""
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+    }
 
 
 def load_state(state_dir: str | Path, expected: dict[str, Any]) -> TrainingState | None:
-    """The saved state in ``state_dir`` if it matches ``expected`` (see fingerprint).
+    """The saved state in ``state_dir`` if it is intact and matches ``expected`` (see
+    :func:`fingerprint`).
 
-    Returns None, logging why, when there is nothing to resume or it does not match.
+    Returns None when there is nothing to resume, and also, after one warning that says
+    why, when the state cannot be used: the caller then starts fresh.
     """
-    path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
+    state_dir = Path(state_dir)
+    path = state_dir / STATE_FILE
+    if not (path.exists() or path.is_symlink()):
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        state = TrainingState(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
-        log.warning("ignoring unreadable resume state %s (%s); starting fresh", path, exc)
-        return None
-    reason = _mismatch(state.fingerprint, expected)
+    state, reason = _read_state(path)
+    if state is not None:
+        reason = _mismatch(state.fingerprint, expected) or _weights_problem(state_dir, state)
     if reason:
-        log.warning("ignoring resume state in %s: %s; starting fresh", state_dir, reason)
+        log.warning("ignoring the resume state in %s: %s; starting fresh", state_dir, reason)
         return None
-    for name in (state.latest_weights, state.best_weights):
-        if name is not None and not (Path(state_dir) / name).is_file():
-            log.warning(
-                "ignoring resume state in %s: %s is missing; starting fresh", state_dir, name
-            )
-            return None
     return state
+
+
+def _read_state(path: Path) -> tuple[TrainingState | None, str]:
+    """(the state, "") or (None, what is wrong with the file)."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, f"{path.name} is not UTF-8 text"
+    except (ValueError, RecursionError) as exc:
+        return None, f"{path.name} is not valid JSON ({exc})"
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({exc.strerror or exc})"
+    reason = _invalid(raw)
+    return (None, f"{path.name} {reason}") if reason else (TrainingState(**raw), "")
+
+
+def _invalid(raw: Any) -> str:
+    """What keeps a decoded state.json from being resumed, "" when nothing does."""
+    if not isinstance(raw, dict):
+        return "does not hold a JSON object"
+    names = {f.name for f in fields(TrainingState)}
+    missing, unknown = sorted(names - raw.keys()), sorted(raw.keys() - names)
+    if missing:
+        return "lacks " + ", ".join(missing)
+    if unknown:
+        return "has unknown fields " + ", ".join(unknown)
+    state = TrainingState(**raw)
+    rows = state.history if isinstance(state.history, list) else []
+    epochs = [row.get("epoch") if isinstance(row, dict) else None for row in rows]
+    checks = {
+        "fingerprint": isinstance(state.fingerprint, dict),
+        "epochs_done": _count(state.epochs_done),
+        "phase": state.phase in PHASES,
+        "phase_start": _count(state.phase_start)
+        and _count(state.epochs_done)
+        and state.phase_start <= state.epochs_done,
+        # One row per finished epoch, in order, every value a number (NaN allowed).
+        "history": isinstance(state.history, list)
+        and epochs == list(range(1, len(rows) + 1))
+        and len(rows) == state.epochs_done
+        and all(_number(value) for row in rows for value in row.values()),
+        "callbacks": _callbacks_valid(state.callbacks),
+        "latest_weights": _weights_name(state.latest_weights)
+        and (state.latest_weights is not None or state.epochs_done == 0),
+        "best_weights": _weights_name(state.best_weights),
+        "best_epoch": (state.best_weights is None and state.best_epoch is None)
+        or (state.best_epoch in epochs and _number(state.best_val_loss)),
+        "stopped_early": isinstance(state.stopped_early, bool),
+        "wall_time_s": _number(state.wall_time_s),
+        "sessions": _count(state.sessions),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    return f"holds unusable values in {', '.join(bad)}" if bad else ""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _weights_name(name: Any) -> bool:
+    # A bare file name: a state.json never makes training read outside its directory.
+    return name is None or (
+        isinstance(name, str) and name.endswith(WEIGHTS_SUFFIX) and Path(name).name == name
+    )
+
+
+def _callbacks_valid(saved: Any) -> bool:
+    """{} (no epoch yet) or what ResumeCallback saves: EarlyStopping's and
+    ReduceLROnPlateau's best value and counters."""
+    if saved == {}:
+        return True
+    layout = {
+        "early_stopping": ("best", "best_epoch", "wait"),
+        "reduce_lr": ("best", "wait", "cooldown_counter"),
+    }
+    if not isinstance(saved, dict) or saved.keys() != layout.keys():
+        return False
+    for name, keys in layout.items():
+        values = saved[name]
+        if not isinstance(values, dict) or values.keys() != set(keys):
+            return False
+        best_ok = values["best"] is None or _number(values["best"])
+        if not best_ok or not all(_count(values[key]) for key in keys if key != "best"):
+            return False
+    return True
+
+
+def _weights_problem(state_dir: Path, state: TrainingState) -> str:
+    """Why a weights file the state names cannot be used, "" when each one opens.
+
+    Opening takes milliseconds and catches a truncated or overwritten file (HDF5 checks
+    its signature and its recorded length); a file that opens but does not fit the model
+    is caught when it is loaded (:func:`load_weights`).
+    """
+    for name in dict.fromkeys((state.latest_weights, state.best_weights)):
+        if name is None:
+            continue
+        try:
+            with h5py.File(state_dir / name, "r"):
+                pass
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc})"
+    return ""
+
+
+def load_weights(model: keras.Model, path: Path, *, inherited: bool, **kwargs: Any) -> None:
+    """``model.load_weights(path, **kwargs)``, where ``path`` is a file of the state.
+
+    With ``inherited`` (an earlier process saved it), a file that does not load raises
+    :class:`UnusableStateError`, so that the caller discards the state and starts fresh.
+    A file this process wrote must load; its failure propagates unchanged.
+    """
+    try:
+        model.load_weights(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        if not inherited:
+            raise
+        raise UnusableStateError(f"{path.name} does not load ({exc})") from exc
 
 
 def _mismatch(saved: dict[str, Any], expected: dict[str, Any]) -> str:
     if saved.get("format") != expected["format"]:
         return f"it was written in format {saved.get('format')}, this code uses {FORMAT}"
+    if saved.get("code") != expected["code"]:
+        changed = _changed_keys(saved.get("code"), expected["code"])
+        return "the training code changed since it was saved (" + ", ".join(changed) + ")"
+    if saved.get("libraries") != expected["libraries"]:
+        old = saved.get("libraries") if isinstance(saved.get("libraries"), dict) else {}
+        changed = [
+            f"{name} {old.get(name)} -> {expected['libraries'].get(name)}"
+            for name in _changed_keys(old, expected["libraries"])
+        ]
+        return "library versions changed (" + ", ".join(changed) + ")"
     if saved.get("params") != expected["params"]:
-        old, new = saved.get("params") or {}, expected["params"]
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = _changed_keys(saved.get("params"), expected["params"])
         return "train params changed (" + ", ".join(f"train.{k}" for k in changed) + ")"
     if saved.get("data") != expected["data"]:
         return "the prepared data changed (train.csv, val.csv, classes.json or image files)"
     return ""
+
+
+def _changed_keys(old: Any, new: dict[str, Any]) -> list[str]:
+    old = old if isinstance(old, dict) else {}
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def save_state(state_dir: str | Path, state: TrainingState) -> None:
@@ -135,14 +332,27 @@ def save_state(state_dir: str | Path, state: TrainingState) -> None:
 
 def remove_leftovers(state_dir: Path, state: TrainingState | None) -> None:
     keep = set() if state is None else {state.latest_weights, state.best_weights}
-    for file in state_dir.glob("*.weights.h5"):
+    for file in state_dir.glob("*" + WEIGHTS_SUFFIX):
         if file.name not in keep:
             file.unlink(missing_ok=True)
 
 
 def clear_state(state_dir: str | Path) -> None:
-    """Delete the resume state (the run finished and its outputs are written)."""
-    shutil.rmtree(state_dir, ignore_errors=True)
+    """Delete the resume state (the run finished, or the state is not to be resumed).
+
+    Raises StateError, saying what to delete, when that fails.
+    """
+    state_dir = Path(state_dir)
+    try:
+        if state_dir.is_dir() and not state_dir.is_symlink():
+            shutil.rmtree(state_dir)
+        else:
+            state_dir.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StateError(
+            f"cannot delete the resume state {state_dir} ({exc.strerror or exc}); delete it "
+            f"by hand (rm -rf {state_dir}) and run again."
+        ) from None
 
 
 class ResumeCallback(keras.callbacks.Callback):

@@ -2,9 +2,14 @@
 
 ``models/model.keras`` already holds its preprocessing and its class names (see
 :mod:`animalcam.layers`); what it cannot hold is the file decoding. :class:`ImageClassifier`
-adds exactly that, the way training reads images: decode as RGB
-(``tf.io.decode_image``, JPEG/PNG/BMP/GIF first frame), resize bilinearly to the model's
-input size, feed float pixels in [0, 255].
+adds exactly that, with the reader every stage uses (:func:`animalcam.images.model_pixels`:
+EXIF orientation, transparency onto white, colour modes, first frame, bilinear resize), so
+a served photo gives the probabilities evaluate computes for the same file.
+
+A request is refused with HTTP 400 and a message naming the row when it has more than
+``max_rows`` rows, more than ``max_bytes`` of image data, or an image whose header
+declares more than ``max_pixels`` pixels (checked before decoding); an animated image
+costs one frame.
 
 In: a DataFrame with a column ``image`` of encoded image bytes (the signature declares it
 ``binary``, so a REST request sends base64 strings and MLflow decodes them).
@@ -33,6 +38,8 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from animalcam.images import DEFAULT_MAX_PIXELS, ImageReadError, model_pixels
+
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 CONFIDENCE_COLUMN = "confidence"
@@ -40,10 +47,24 @@ PROBABILITY_PREFIX = "prob_"
 KERAS_ARTIFACT = "keras_model"  # key of the .keras file in the pyfunc's artifacts
 # Images decoded and run through the network at a time: bounds memory for big requests.
 PREDICT_BATCH = 32
+# Request limits (a served model faces whatever a client sends). 256 images and 100 MB
+# cover batch scoring of phone photos; larger jobs belong to `animalcam predict`.
+MAX_ROWS = 256
+MAX_BYTES = 100 * 1024**2
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Encoded images in, class names and probabilities out (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_rows: int = MAX_ROWS,
+        max_bytes: int = MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
 
     def load_context(self, context) -> None:
         from animalcam.modeling import load_model
@@ -58,47 +79,72 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """``model_input``: DataFrame with an ``image`` column of encoded bytes."""
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
-            raise MlflowException(
+            raise _bad_request(
                 f"Input needs a column '{IMAGE_COLUMN}' of encoded image bytes (JPEG/PNG; "
-                "base64 strings in a JSON request).",
-                error_code=INVALID_PARAMETER_VALUE,
+                "base64 strings in a JSON request)."
             )
-        values = list(model_input[IMAGE_COLUMN])
+        values = [_image_bytes(value, row) for row, value in enumerate(model_input[IMAGE_COLUMN])]
+        _check_request(values, self.max_rows, self.max_bytes)
         probabilities = np.zeros((len(values), len(self.class_names)), dtype=np.float32)
+        # An empty request never reaches the network (an empty batch through a convolution
+        # fails under oneDNN).
         for start in range(0, len(values), PREDICT_BATCH):
-            batch = decode_images(values[start : start + PREDICT_BATCH], self.image_size, start)
+            chunk = values[start : start + PREDICT_BATCH]
+            batch = decode_images(chunk, self.image_size, start, max_pixels=self.max_pixels)
             probabilities[start : start + len(batch)] = self.model.predict_on_batch(batch)
         return predictions_frame(probabilities, self.class_names)
 
 
-def decode_images(values: list[Any], size: tuple[int, int], first_index: int = 0) -> np.ndarray:
+def decode_images(
+    values: list[Any],
+    size: tuple[int, int],
+    first_index: int = 0,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Encoded images -> ``(N, H, W, 3)`` float32 RGB pixels in [0, 255] at ``size``.
 
-    Decodes and resizes as training does (RGB, bilinear, aspect ratio not kept).
-    Undecodable values raise an MlflowException naming the row (HTTP 400 when served).
+    Exactly the pixels every stage feeds the model (:func:`animalcam.images.model_pixels`).
+    A value that is not a usable image raises an MlflowException naming the row and the
+    reason (HTTP 400 when served).
     """
-    import tensorflow as tf
-
-    images = np.zeros((len(values), *size, 3), dtype=np.float32)
+    pixels = np.zeros((len(values), *size, 3), dtype=np.float32)
     for i, value in enumerate(values):
-        if isinstance(value, (bytearray, memoryview, np.bytes_)):
-            value = bytes(value)
-        if not isinstance(value, bytes) or not value:
-            raise MlflowException(
-                f"Row {first_index + i}: '{IMAGE_COLUMN}' must hold the bytes of an image file, "
-                f"got {type(value).__name__}.",
-                error_code=INVALID_PARAMETER_VALUE,
-            )
+        data = _image_bytes(value, first_index + i)
         try:
-            pixels = tf.io.decode_image(value, channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MlflowException(
-                f"Row {first_index + i}: not a decodable JPEG/PNG/BMP/GIF image ({reason}).",
-                error_code=INVALID_PARAMETER_VALUE,
-            ) from None
-        images[i] = tf.image.resize(pixels, size, method="bilinear").numpy()
-    return images
+            pixels[i] = model_pixels(data, size, max_pixels=max_pixels)
+        except ImageReadError as exc:
+            raise _bad_request(f"Row {first_index + i}: not a usable image ({exc}).") from None
+    return pixels
+
+
+def _image_bytes(value: Any, row: int) -> bytes:
+    if isinstance(value, (bytearray, memoryview, np.bytes_)):
+        value = bytes(value)
+    if not isinstance(value, bytes) or not value:
+        raise _bad_request(
+            f"Row {row}: '{IMAGE_COLUMN}' must hold the bytes of an image file, "
+            f"got {type(value).__name__}."
+        )
+    return value
+
+
+def _check_request(values: list[bytes], max_rows: int, max_bytes: int) -> None:
+    if len(values) > max_rows:
+        raise _bad_request(
+            f"The request has {len(values)} images; at most {max_rows} are accepted in one "
+            "request. Send them in several requests, or use `animalcam predict` for folders."
+        )
+    total = sum(len(value) for value in values)
+    if total > max_bytes:
+        raise _bad_request(
+            f"The request holds {total:,} bytes of images; at most {max_bytes:,} are "
+            "accepted in one request. Send fewer or smaller images per request."
+        )
+
+
+def _bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def predictions_frame(probabilities: np.ndarray, class_names: list[str]) -> pd.DataFrame:
@@ -151,7 +197,16 @@ def pip_requirements() -> list[str]:
     subprocess (slow with TensorFlow) and can miss packages imported lazily.
     """
     pins = []
-    for dist in ("mlflow", "tensorflow", "keras", "numpy", "pandas"):
+    # pillow and opencv: the image reader (animalcam.images) that travels with the model.
+    for dist in (
+        "mlflow",
+        "tensorflow",
+        "keras",
+        "numpy",
+        "pandas",
+        "pillow",
+        "opencv-python-headless",
+    ):
         try:
             pins.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:

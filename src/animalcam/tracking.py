@@ -19,8 +19,10 @@ stage creates the parent, the others find it with a search. Stages that use a tr
 model (evaluate, explain) attach instead to the parent of the run that trained it, read
 from the record the train stage leaves next to the model (``models/mlflow_run.json``), so
 ``dvc repro`` rerunning explain alone adds a child to that model's execution rather than
-an orphan. ``ANIMALCAM_PIPELINE_RUN_ID=<run id>`` forces the parent. Outside DVC each
-stage gets a parent of its own.
+an orphan; but each ``dvc exp run`` (queued ones too, each under its own ``dvc exp
+exec-run`` process) keeps a parent of its own, named after the experiment, even when it
+reuses a model from DVC's run cache. ``ANIMALCAM_PIPELINE_RUN_ID=<run id>`` forces the
+parent. Outside DVC each stage gets a parent of its own.
 
 What goes where. Child: its own params.yaml section flattened (``train.augment.rotation``),
 the version of the data it reads (``data_version``, the DVC md5 from ``dvc.lock``), per-epoch
@@ -33,23 +35,31 @@ of the stage's inputs, package versions and the devices used.
 Stores. ``MLFLOW_TRACKING_URI`` when set; otherwise the embedded ``sqlite:///mlflow.db``
 at the repository root (``$DVC_ROOT``, which DVC points at the user's repository even when
 an experiment runs in a temporary copy). Nothing from the environment is logged except
-the DVC variables named above; no autologging.
+the DVC variables named above; no autologging. Credentials in the URI (user:password@,
+``?password=``) or in ``MLFLOW_TRACKING_TOKEN``/``_PASSWORD`` never reach a message, a
+log line, stdout or a file: URIs are shown as :func:`public_uri`, and store errors and
+log records pass through :func:`redact`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
+import socket
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus
 
 import mlflow
+import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -125,12 +135,125 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 
 
 def public_uri(uri: str) -> str:
-    """``uri`` without credentials (user:password@) or query, fit for messages and files."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or parts.hostname is None:
-        return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """``uri`` without credentials (user:password@), query or fragment, fit for messages
+    and files: ``postgresql+psycopg2://u:p@db:5432/mlflow?sslpassword=x`` ->
+    ``postgresql+psycopg2://db:5432/mlflow``. URIs of no ``scheme://`` form are kept, with
+    any secret in them masked."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return redact(uri, uri) if uri_secrets(uri) else uri
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    if "@" in rest:  # a password may hold "/" (SQLAlchemy allows it): drop up to the last "@"
+        rest = rest.rpartition("@")[2]
+    return f"{scheme}://{rest}"
+
+
+# Environment variables whose values are credentials for a tracking store.
+SECRET_ENV = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_CLIENT_CERT_PASSWORD",
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_SECRET",
+)
+REDACTED = "***"
+# `key=value` pairs that hold a secret, in a query (`?password=...`) or an ODBC connection
+# string (`odbc_connect=...PWD=...;`).
+_SECRET_PAIR = re.compile(
+    r"(?i)(?:pass(?:word|wd)?|pwd|token|secret|api[_-]?key|access[_-]?key|auth\w*|"
+    r"credentials?|signature|sig)\s*=\s*([^&;#\s'\"]+)"
+)
+# Shorter secrets are masked only where they sit in a URI: masking every "pw" in a message
+# would garble it and hide nothing worth hiding.
+_MIN_SECRET = 3
+
+
+def uri_secrets(uri: str | None) -> set[str]:
+    """The secret parts of ``uri`` (password, or the user when it stands alone as a token;
+    secret-looking query values), as written and percent-decoded, plus the values of
+    :data:`SECRET_ENV` variables that are set."""
+    found: set[str] = set()
+    if uri:
+        _, sep, rest = uri.partition("://")
+        head = rest.split("?", 1)[0] if sep else ""
+        for end in (head.rfind("@"), head.find("@")):  # "/" or "@" may sit in a password
+            if end > 0:
+                user, has_password, password = head[:end].partition(":")
+                found.add(password if has_password else user)
+                found.add(_basic_auth(unquote(user), unquote(password)))
+        for text in (uri, unquote_plus(uri)):
+            found.update(match.group(1) for match in _SECRET_PAIR.finditer(text))
+    found.update(os.environ.get(name, "") for name in SECRET_ENV)
+    if os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        found.add(
+            _basic_auth(
+                os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
+                os.environ["MLFLOW_TRACKING_PASSWORD"],
+            )
+        )
+    spelled = set()
+    for secret in found:
+        spelled |= {secret, unquote(secret), unquote_plus(secret), quote(secret, safe="")}
+    return {secret for secret in spelled if len(secret) >= _MIN_SECRET}
+
+
+def _basic_auth(user: str, password: str) -> str:
+    # The Authorization header requests sends for user:password (a server may echo it).
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def redact(text: str, uri: str | None = None) -> str:
+    """``text`` with ``uri`` shown as :func:`public_uri` and every secret of it (and of the
+    environment, see :func:`uri_secrets`) masked, wherever it appears: MLflow, SQLAlchemy
+    and requests echo URIs, hosts, and sometimes passwords, in their messages."""
+    if uri:
+        text = text.replace(uri, public_uri(uri))
+    for secret in sorted(uri_secrets(uri), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class _SecretFilter(logging.Filter):
+    """Masks the secrets of the tracking URI in every log record a handler emits, ours and
+    those of MLflow, SQLAlchemy and urllib3 (MLflow logs its retries with the exception)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uri: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, self.uri)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.uri)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.uri)
+        return True
+
+
+_SECRET_FILTER = _SecretFilter()
+
+
+def guard_secrets(uri: str) -> None:
+    """From now on, keep the secrets of ``uri`` out of this process's logs and stdout.
+
+    The filter goes on the handlers (a logger's filter misses records from its children)
+    of the root logger and of every logger with handlers of its own (MLflow's does not
+    propagate). MLflow prints a "View run" link to stdout that carries the URI as given,
+    credentials included: it is turned off when the URI has any.
+    """
+    _SECRET_FILTER.uri = uri
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if _SECRET_FILTER not in handler.filters:
+                handler.addFilter(_SECRET_FILTER)
+    if public_uri(uri) != uri or uri_secrets(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def check_tracking_server(tracking_uri: str | None = None) -> str:
@@ -138,11 +261,14 @@ def check_tracking_server(tracking_uri: str | None = None) -> str:
 
     For an HTTP(S) server one request with a short timeout and no retries (a dead server
     costs seconds, not MLflow's minutes of back-off); for the embedded sqlite store, that
-    its folder exists and is writable. Other stores (databricks, postgresql, ...) are left
-    to MLflow.
+    its folder exists and is writable; for a database server (PostgreSQL, MySQL, SQL
+    Server), one connection with a short timeout (MLflow retries for minutes). Other
+    stores (databricks, ...) are left to MLflow. From here on the URI's credentials are
+    kept out of logs and messages (:func:`guard_secrets`).
     """
     uri = resolve_tracking_uri(tracking_uri)
-    scheme = urlsplit(uri).scheme
+    guard_secrets(uri)
+    scheme = uri.partition(":")[0].lower()
     if scheme in ("http", "https"):
         _probe_server(uri)
     elif scheme == "sqlite":
@@ -150,10 +276,75 @@ def check_tracking_server(tracking_uri: str | None = None) -> str:
         folder = path.parent if path and str(path) not in ("", ":memory:") else None
         if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise TrackingError(
-                f"MLflow store {uri}: folder {folder} does not exist or is not writable; "
-                "create it or point MLFLOW_TRACKING_URI elsewhere."
+                f"MLflow store {public_uri(uri)}: folder {folder} does not exist or is not "
+                "writable; create it or point MLFLOW_TRACKING_URI elsewhere."
             )
+        check_sqlite_store(uri)
+    elif scheme.split("+")[0] in _DATABASES:
+        _probe_database(uri)
     return uri
+
+
+# Database servers MLflow stores runs in, with the driver's connect-timeout argument.
+_DATABASES = {
+    "postgresql": {"connect_timeout": PROBE_TIMEOUT_S},
+    "mysql": {"connect_timeout": PROBE_TIMEOUT_S},
+    "mssql": {},
+}
+
+
+# The pip package of a driver, where its name differs from the module's.
+_DRIVER_PACKAGES = {
+    "psycopg": "'psycopg[binary]'",
+    "psycopg2": "psycopg2-binary",
+    "MySQLdb": "mysqlclient",
+}
+
+
+def _probe_database(uri: str) -> None:
+    """One connection to the database ``uri`` names; TrackingError, without the
+    credentials, when the driver is missing or the database cannot be used."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    where = public_uri(uri)
+    fix = f"fix MLFLOW_TRACKING_URI, or unset it to use the local store sqlite:///{DEFAULT_DB}."
+    connect_args = _DATABASES[uri.partition(":")[0].lower().split("+")[0]]
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+        with engine.connect():
+            pass
+    except ImportError as exc:  # also SQLAlchemy's NoSuchModuleError for an unknown driver
+        module = getattr(exc, "name", None)
+        install = (
+            f"install it (pip install {_DRIVER_PACKAGES.get(module, module)})"
+            if module
+            else "install its driver"
+        )
+        raise TrackingError(
+            f"MLflow store {where} needs a database driver that is not installed "
+            f"({_one_line(exc, uri)}); {install}, or {fix}"
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = _one_line(getattr(exc, "orig", None) or exc, uri)
+        raise TrackingError(
+            f"MLflow store {where} cannot be used ({reason}); check that the database "
+            f"server runs and the database, user and password are right, or {fix}"
+        ) from None
+    except ValueError as exc:  # a URI SQLAlchemy cannot parse (a port that is no number)
+        raise TrackingError(
+            f"MLflow store {where} is not a valid database URI ({_one_line(exc, uri)}); {fix}"
+        ) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _one_line(exc: BaseException, uri: str, limit: int = 300) -> str:
+    """An exception's text on one line, cut to ``limit``, with ``uri``'s secrets masked."""
+    text = redact(" ".join(str(exc).split()), uri) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _probe_server(uri: str) -> None:
@@ -207,16 +398,154 @@ def _why_unreachable(exc: MlflowException) -> str:
     return "connection failed"
 
 
+# Tables every MLflow sqlite store has; a database without them belongs to someone else.
+_MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})
+
+
+def check_sqlite_store(uri: str) -> None:
+    """One line, before any work, when the sqlite file of ``uri`` cannot be an MLflow store.
+
+    Caught: a file that is not a database (random bytes, a truncated copy), damaged pages
+    (``PRAGMA quick_check``), another program's database (MLflow would add its tables to
+    it) and permissions. The file is opened read-only and never changed. A missing or
+    empty file is fine: MLflow creates its tables there. Anything else the check cannot
+    judge (a lock held by a running stage, a journal to roll back) is left to MLflow.
+    """
+    path = _sqlite_file(uri)
+    if path is None or not (path.exists() or path.is_symlink()):
+        return
+    fix = (
+        f"move it away (mv {path} {path}.damaged) or delete it to start a new store, or "
+        "point MLFLOW_TRACKING_URI at another store"
+    )
+    if not path.is_file():
+        raise TrackingError(f"MLflow store {path} is not a regular file; {fix}.")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise TrackingError(
+            f"MLflow store {path} is not readable and writable by this user; fix its "
+            "permissions or point MLFLOW_TRACKING_URI at another store."
+        )
+    if path.stat().st_size == 0:
+        return
+    try:
+        tables, problems = _inspect_sqlite(path)
+    except sqlite3.DatabaseError as exc:
+        if not _damaged(exc):
+            log.debug("not checking %s: %s", path, exc)
+            return
+        raise TrackingError(
+            f"MLflow store {path} is not a readable SQLite database ({exc}): it was damaged "
+            f"(a full disk, an interrupted copy) or is another kind of file; {fix}."
+        ) from None
+    if problems:
+        raise TrackingError(
+            f"MLflow store {path} is damaged (SQLite integrity check: {problems[0]}); {fix}."
+        )
+    if tables and not _MLFLOW_TABLES.issubset(tables):
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise TrackingError(
+            f"{path} is a SQLite database but not an MLflow store (its tables: {shown}); "
+            "point MLFLOW_TRACKING_URI at an MLflow store, or move the file away to start "
+            "a new one."
+        )
+
+
+# How long a stage waits for another to finish creating the embedded store's tables.
+STORE_LOCK_TIMEOUT_S = 120
+
+
+@contextlib.contextmanager
+def _creating_store(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on the embedded store's file while MLflow opens it.
+
+    MLflow creates its tables the first time it opens a sqlite store; two stages doing
+    that at once (experiments run by ``dvc queue start -j 2``) fail with "table ...
+    already exists". ``flock`` is separate from the POSIX locks SQLite takes, so this
+    serialises the opening only; later writes wait on SQLite's own busy timeout. The empty
+    file ``open`` may create is what SQLite makes of a new database anyway. Without
+    ``fcntl`` (Windows) there is no lock: let the first stage create the store alone.
+    """
+    path = _sqlite_file(uri)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "ab") as handle:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"MLflow store {path} stayed locked by another process for "
+                        f"{STORE_LOCK_TIMEOUT_S} s; for experiments run in parallel point "
+                        "MLFLOW_TRACKING_URI at an `mlflow server`."
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The file of a ``sqlite:///<path>`` URI (None for an in-memory database)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if raw in ("", ":memory:") or raw.startswith("file:") else Path(raw)
+
+
+def _inspect_sqlite(path: Path) -> tuple[set[str], list[str]]:
+    """(table names, problems quick_check found), from a read-only connection."""
+    connection = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S
+    )
+    try:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {str(name) for (name,) in rows}
+        problems = [str(row) for (row,) in connection.execute("PRAGMA quick_check(3)")]
+    finally:
+        connection.close()
+    return tables, [p for p in problems if p != "ok"]
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", None)  # Python >= 3.11
+    if name is not None:
+        return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+    return any(text in str(exc) for text in ("not a database", "malformed"))
+
+
 @contextlib.contextmanager
 def _recording(what: str, uri: str) -> Iterator[None]:
-    """Turn an MLflow failure into one TrackingError line (cause kept for debugging)."""
+    """Turn a failure of the tracking store (MLflow's, or the SQLAlchemy or requests error
+    under it) into one TrackingError line without the URI's secrets. The cause is kept for
+    debugging unless its text holds a secret (ANIMALCAM_DEBUG would print it)."""
     try:
         yield
-    except MlflowException as exc:
-        message = " ".join(str(exc).split())
-        raise TrackingError(
-            f"MLflow ({public_uri(uri)}) could not {what}: {message[:300]}"
-        ) from exc
+    except _store_errors() as exc:
+        message = _one_line(exc, uri)
+        leaks = message != " ".join(str(exc).split())[:300]
+        raise TrackingError(f"MLflow ({public_uri(uri)}) could not {what}: {message}") from (
+            None if leaks else exc
+        )
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import requests
+
+    errors: list[type[BaseException]] = [MlflowException, requests.RequestException]
+    with contextlib.suppress(ImportError):  # mlflow-skinny comes without SQLAlchemy
+        import sqlalchemy.exc
+
+        errors.append(sqlalchemy.exc.SQLAlchemyError)
+    return tuple(errors)
 
 
 # --- What a run records about its context -------------------------------------------------
@@ -507,13 +836,14 @@ def stage_run(
     """
     uri = check_tracking_server(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    with _recording("open the tracking store", uri), _creating_store(uri):
+        client = MlflowClient(uri)
     workspace = Path.cwd()
     key = execution_key() if execution == DETECT else execution
     sections = tuple(sections) if sections is not None else STAGE_SECTIONS.get(stage, ())
     data_path = data_path if data_path is not None else STAGE_DATA.get(stage)
 
-    context_tags = {**git_state(workspace), **package_versions(), **dvc_tags()}
+    context_tags = {**git_state(workspace), **package_versions(), **dvc_tags(), **process_tags()}
     input_hashes = input_hash_tags(stage, workspace)
     run_params = flatten_params(params, sections)
     if data_path:
@@ -533,10 +863,12 @@ def stage_run(
         child_tags[EXECUTION_TAG] = key
     with _recording("start the runs", uri):
         experiment_id = _experiment_id(client, params.mlflow.experiment, uri)
+        close_abandoned_runs(client, experiment_id)
         parent_id, model_run = _find_parent(client, experiment_id, key, model_run_file)
         if parent_id is None:
             parent_id = _create_parent(client, experiment_id, key, stage, params, context_tags)
         else:
+            _claim(client, parent_id)  # first: a RUNNING parent must name a live process
             client.update_run(parent_id, status="RUNNING")
         if model_run:
             child_tags[MODEL_RUN_TAG] = model_run
@@ -591,8 +923,12 @@ def _find_parent(
 ) -> tuple[str | None, str | None]:
     """(parent run id, or None to create one; id of the run that trained the model).
 
-    In order: ``$ANIMALCAM_PIPELINE_RUN_ID``; the parent of the run that trained the
-    model (stages given ``model_run_file``); the parent tagged with this execution key.
+    In order: ``$ANIMALCAM_PIPELINE_RUN_ID``; the parent tagged with this execution key
+    (an earlier stage of this execution made it); for stages given ``model_run_file``,
+    the parent of the run that trained the model, except under ``dvc exp run``. An
+    experiment is a row of its own to compare: when it reuses a model trained elsewhere
+    (DVC restored train from its run cache, or only explain.* changed), joining that
+    model's pipeline run would overwrite another execution's headline metrics.
     """
     record = read_model_run(model_run_file) if model_run_file is not None else None
     model_run = (record or {}).get("run_id")
@@ -604,18 +940,6 @@ def _find_parent(
                 "MLflow store; unset it or give the id of an existing pipeline run."
             )
         return forced, model_run
-    if model_run_file is not None:
-        parent = _usable_run(client, (record or {}).get("parent_run_id"), experiment_id)
-        if parent:
-            return parent, model_run
-        if record is None:
-            log.warning("No %s (was the model trained?); grouping by execution.", model_run_file)
-        else:
-            log.warning(
-                "The pipeline run named in %s is not in this MLflow store and experiment; "
-                "grouping by execution instead.",
-                model_run_file,
-            )
     if key:
         found = client.search_runs(
             [experiment_id],
@@ -625,6 +949,19 @@ def _find_parent(
         )
         if found:
             return found[0].info.run_id, model_run
+    if model_run_file is None or os.environ.get("DVC_EXP_NAME"):
+        return None, model_run
+    parent = _usable_run(client, (record or {}).get("parent_run_id"), experiment_id)
+    if parent:
+        return parent, model_run
+    if record is None:
+        log.warning("No %s (was the model trained?); grouping by execution.", model_run_file)
+    else:
+        log.warning(
+            "The pipeline run named in %s is not in this MLflow store and experiment; "
+            "grouping by execution instead.",
+            model_run_file,
+        )
     return None, model_run
 
 
@@ -701,3 +1038,68 @@ def _end(run: StageRun, status: str, *, quiet: bool) -> None:
         log.error("MLflow: could not mark the runs %s: %s", status, exc)
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
+
+
+# --- Runs left RUNNING by a killed stage ------------------------------------------------
+
+HOST_TAG = "animalcam.host"
+PID_TAG = "animalcam.pid"
+PID_STARTED_TAG = "animalcam.pid_started"  # the process's start time: pids get reused
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a run while it is RUNNING (see :func:`close_abandoned_runs`)."""
+    me = psutil.Process()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(me.pid),
+        PID_STARTED_TAG: f"{me.create_time():.3f}",
+    }
+
+
+def _claim(client: MlflowClient, run_id: str) -> None:
+    tags = [RunTag(k, v) for k, v in process_tags().items()]
+    client.log_batch(run_id, tags=tags)
+
+
+def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of ``experiment_id`` that a process on this host left RUNNING
+    and that is gone (SIGKILL, power loss: nothing could end its runs). Returns their ids.
+
+    A run counts only when it carries :func:`process_tags` of this host and that process
+    (pid and start time) no longer runs; a stage running now, here or on another host,
+    is never touched. Trouble searching is logged, not raised: this is housekeeping.
+    """
+    mine = process_tags()
+    host = socket.gethostname().replace("'", "")
+    closed = []
+    try:
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+        for run in runs:
+            tags = run.data.tags
+            if tags.get(PID_TAG) == mine[PID_TAG] or _holder_alive(tags):
+                continue
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            log.warning(
+                "MLflow: run %s (%s) was left RUNNING by process %s, which is gone; marked "
+                "it KILLED.",
+                run.info.run_id,
+                run.info.run_name,
+                tags.get(PID_TAG),
+            )
+    except MlflowException as exc:
+        log.warning("MLflow: could not look for runs left RUNNING by killed stages: %s", exc)
+    return closed
+
+
+def _holder_alive(tags: Mapping[str, str]) -> bool:
+    try:
+        pid, started = int(tags[PID_TAG]), float(tags[PID_STARTED_TAG])
+    except (KeyError, ValueError):
+        return True  # not tagged by us: not ours to judge
+    return outputs.process_alive(pid, started)

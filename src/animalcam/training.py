@@ -170,7 +170,18 @@ def train_model(
     ``cache_dir``: the cache stage's output, read when ``train.input`` is "cache" (None:
     decode the image files).
     """
-    run = _Session.start(params, class_names, train_set, val_set, Path(state_dir), strategy)
+    args = (params, class_names, train_set, val_set, Path(state_dir), strategy, callbacks)
+    try:
+        return _train(*args, cache_dir)
+    except resume.UnusableStateError as exc:
+        # A weights file of the saved state opened but does not load into this model.
+        log.warning("ignoring the resume state in %s: %s; starting fresh", state_dir, exc)
+        resume.clear_state(state_dir)
+        return _train(*args, cache_dir)
+
+
+def _train(params, class_names, train_set, val_set, state_dir, strategy, callbacks, cache_dir):
+    run = _Session.start(params, class_names, train_set, val_set, state_dir, strategy)
     if params.input == "cache" and cache_dir is not None:
         run.train_cache = image_cache.open_split(cache_dir, "train", train_set, params.image_size)
         run.val_cache = image_cache.open_split(cache_dir, "val", val_set, params.image_size)
@@ -200,7 +211,7 @@ def train_model(
             "val_loss was never finite, so there is no best model to keep; training "
             "diverged: lower train.learning_rate or check the data."
         )
-    final = _best_model(params, class_names, run.state_dir / run.state.best_weights)
+    final = _best_model(params, class_names, run.state_dir / run.state.best_weights, run.inherited)
     trainable_params = modeling.set_trainable(final, params.trainable)
     modeling.set_trainable(final, "all")  # the saved model carries no training-time freeze
     metrics = run.metrics(final, trainable_params)
@@ -248,6 +259,7 @@ class _Session:
     started: float  # time.monotonic() when this session began
     wall_before: float  # seconds earlier sessions spent on this run
     resumed_from: int  # epochs done when this session began
+    inherited: frozenset[str]  # weights files saved by an earlier session
     train_cache: image_cache.CachedSplit | None = None
     val_cache: image_cache.CachedSplit | None = None
     # Backbone features of (train copies, val), computed by the first fast-path phase.
@@ -306,6 +318,7 @@ class _Session:
             started=started,
             wall_before=state.wall_time_s,
             resumed_from=state.epochs_done,
+            inherited=frozenset({state.latest_weights, state.best_weights} - {None}),
         )
 
     def fit_phase(self, model, phase: _Phase, next_phase: str, callbacks) -> None:
@@ -339,12 +352,18 @@ class _Session:
                 # Mid-phase: weights AND optimizer state (moments, step, reduced lr) of
                 # what this phase fits (the head alone on the fast path).
                 fitted.optimizer.build(fitted.trainable_variables)
-                fitted.load_weights(self.state_dir / state.latest_weights)
+                resume.load_weights(
+                    fitted,
+                    self.state_dir / state.latest_weights,
+                    inherited=state.latest_weights in self.inherited,
+                )
             elif state.best_weights is not None:
                 # A new phase starts from the best weights so far, with a fresh optimizer.
                 optimizer = getattr(model, "optimizer", None)
-                model.load_weights(
+                resume.load_weights(
+                    model,
                     self.state_dir / state.best_weights,
+                    inherited=state.best_weights in self.inherited,
                     objects_to_skip=[optimizer] if optimizer is not None else None,
                 )
         log.info(
@@ -569,7 +588,9 @@ class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
         super().set_model(self._full_model)
 
 
-def _best_model(params: TrainParams, class_names: Sequence[str], weights: Path) -> keras.Model:
+def _best_model(
+    params: TrainParams, class_names: Sequence[str], weights: Path, inherited: frozenset[str]
+) -> keras.Model:
     """A fresh float32 model holding the best weights: what gets saved and served.
 
     Built outside any distribution strategy and without mixed precision, so that
@@ -585,5 +606,5 @@ def _best_model(params: TrainParams, class_names: Sequence[str], weights: Path) 
         dropout=params.dropout,
         policy="float32",
     )
-    model.load_weights(weights)
+    resume.load_weights(model, weights, inherited=weights.name in inherited)
     return model

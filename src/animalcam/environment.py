@@ -1,0 +1,74 @@
+"""The environment variables animalcam's stages read for themselves, checked in one place.
+
+Every stage checks them first (:func:`animalcam.stage.configure_logging`), so that a
+mistyped value is one line naming the variable, the value and what is allowed, not a
+traceback from inside the logging module. Unset, empty and blank all mean the default:
+``VAR= dvc repro`` is how a shell switches one off. ``MLFLOW_TRACKING_URI``,
+``ANIMALCAM_PIPELINE_RUN_ID`` and the ``DVC_*`` variables are read and checked where
+they are used, in :mod:`animalcam.tracking` and :mod:`animalcam.provenance`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import reprlib
+
+from animalcam.errors import EnvironmentVariableError
+
+LOG_LEVEL = "ANIMALCAM_LOG_LEVEL"
+DEBUG = "ANIMALCAM_DEBUG"
+
+LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MAX_LEVEL = logging.CRITICAL  # anything above silences every message, surely a typo
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def log_level() -> int:
+    """``$ANIMALCAM_LOG_LEVEL`` as a logging level: a name in any case, or a number in
+    [0, 50]; INFO when unset or blank."""
+    raw = os.environ.get(LOG_LEVEL, "")
+    text = raw.strip()
+    if not text:
+        return logging.INFO
+    # ASCII first: upper() maps some other letters onto ASCII ones (dotless i -> "I").
+    if text.isascii():
+        level = logging.getLevelName(text.upper())  # an int for a known name (WARN too)
+        if isinstance(level, int):
+            return level
+        if text.isdigit() and int(text) <= _MAX_LEVEL:
+            return int(text)
+    raise EnvironmentVariableError(
+        f"{LOG_LEVEL}={_show(raw)} is not allowed; expected one of {', '.join(LEVEL_NAMES)} "
+        f"(any case) or a number in [0, {_MAX_LEVEL}]; unset it for INFO."
+    )
+
+
+def debug_enabled() -> bool:
+    """``$ANIMALCAM_DEBUG``: on (1, true, yes, on) shows the traceback of an expected error
+    instead of its one line; off when unset, blank, 0, false, no or off."""
+    raw = os.environ.get(DEBUG, "")
+    text = raw.strip().lower()
+    if text in _ON:
+        return True
+    if not text or text in _OFF:
+        return False
+    raise EnvironmentVariableError(
+        f"{DEBUG}={_show(raw)} is not allowed; expected 1 (tracebacks instead of one-line "
+        "errors) or 0; unset it for 0."
+    )
+
+
+def check_environment() -> None:
+    """Raise EnvironmentVariableError for the first of our variables with a bad value."""
+    log_level()
+    debug_enabled()
+
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+# repr() escapes what a terminal should not receive raw: escape sequences, and the lone
+# surrogates that os.environ makes of bytes that are not UTF-8. Bounded: a variable can
+# hold 128 KB.
+_show = _short.repr

@@ -12,7 +12,14 @@ def main() -> None:
         # The stamp records which source built data/raw, so that an unchanged source is
         # not unpacked (or downloaded) again when dvc.yaml re-checks it on every run.
         raw = download_dataset(params.data, "data/raw", stamp="data/raw.source.json")
-        run.log_metrics({"files": raw.files, "bytes": raw.bytes, "reused": int(raw.reused)})
+        run.log_metrics(
+            {
+                "files": raw.files,
+                "bytes": raw.bytes,
+                "reused": int(raw.reused),
+                "skipped": len(raw.skipped),  # listed with reasons in the stamp
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import zipfile
@@ -43,8 +44,6 @@ from animalcam.errors import (
     UnsafeArchiveError,
 )
 from animalcam.params import DataParams
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -121,6 +120,16 @@ def test_folders_without_images_are_not_classes(work, tmp_path):
     files = {**kaggle_files(), "raw-img/notes/readme.txt": b"no images here"}
     fetch(write_zip(tmp_path / "a.zip", files))
     assert sorted(os.listdir(work / "data/raw")) == ["cane", "gatto", "ragno"]
+
+
+def test_empty_class_folder_in_a_zip_is_listed_not_dropped(work, tmp_path, caplog):
+    archive = kaggle_zip(tmp_path / "a.zip", {"raw-img/elefante/": b"", "./": b""})
+    with caplog.at_level(logging.WARNING, logger="animalcam"):
+        raw = fetch(archive, stamp="data/raw.source.json")
+    assert [(s.path, s.reason) for s in raw.skipped] == [("raw-img/elefante/", "no_images")]
+    assert "Skipping raw-img/elefante/" in caplog.text
+    assert "1 entry skipped (1 no_images): raw-img/elefante/ (no_images)" in caplog.text
+    assert read_tree(work / "data/raw") == expected()
 
 
 def test_two_kaggle_layouts_in_one_source_are_ambiguous(work, tmp_path):
@@ -507,20 +516,10 @@ def test_kaggle_source_is_downloaded_once(work, fake_kaggle):
 # ---------------------------------------------------------------- the stage script
 
 
-def test_stage_script_fails_in_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("data:\n  source: missing/animals10.zip\n")
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "stages/download.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "ANIMALCAM_LOG_LEVEL": "WARNING"},
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("animalcam download: error: data.source = 'missing/animals10.zip'")
+def test_stage_script_fails_in_one_line(tmp_path, mlflow_db):
+    result = run_download_stage(tmp_path, {"source": "missing/animals10.zip"}, mlflow_db)
+    line = one_error_line(result)
+    assert line.startswith("animalcam download: error: data.source = 'missing/animals10.zip'")
     assert not (tmp_path / "data").exists()
 
 
@@ -599,7 +598,7 @@ def test_path_too_long_for_the_file_system_is_refused(work, tmp_path):
 def test_more_members_than_the_cap_are_refused(work, tmp_path):
     archive = kaggle_zip(tmp_path / "a.zip")  # 7 entries
     message = refused(work, archive, max_members=6)
-    assert "holds 7 entries, more than data.max_members = 6" in message
+    assert "7 entries" in message and "more than data.max_members = 6" in message
     fetch(archive, max_members=7)
     assert read_tree(work / "data/raw") == expected()
 
@@ -611,7 +610,8 @@ def test_default_member_cap_fits_animals10():
 def test_archive_larger_than_the_free_space_is_refused_before_unpacking(
     work, tmp_path, monkeypatch
 ):
-    archive = kaggle_zip(tmp_path / "a.zip", {"raw-img/cane/big.bmp": bytes(5_000_000)})
+    files = {**kaggle_files(), "raw-img/cane/big.bmp": bytes(5_000_000)}
+    archive = write_zip(tmp_path / "a.zip", files, compression=zipfile.ZIP_STORED)
     asked = []
 
     def usage(path):
@@ -829,3 +829,25 @@ def test_stage_refuses_a_fifo_source_without_hanging(tmp_path, mlflow_db):
     )
     assert "is a named pipe (FIFO)" in one_error_line(result)
     assert left_in_data(tmp_path / "project") == []
+
+
+def test_member_cap_is_checked_before_the_listing_is_loaded(work, tmp_path, monkeypatch):
+    archive = kaggle_zip(tmp_path / "a.zip")
+
+    def never(*args, **kwargs):
+        raise AssertionError("zipfile loaded the listing of an archive over the cap")
+
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", never)
+    message = refused(work, archive, max_members=6)
+    assert "declares 7 entries" in message and "data.max_members = 6" in message
+
+
+def test_member_cap_holds_when_the_end_record_lies(work, tmp_path):
+    archive = kaggle_zip(tmp_path / "a.zip")
+    data = bytearray(archive.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, end + 8, 1, 1)  # "1 entry", zipfile reads all 7 anyway
+    archive.write_bytes(bytes(data))
+    assert "holds 7 entries, more than data.max_members = 6" in refused(
+        work, archive, max_members=6
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,8 +61,17 @@ runpy.run_path(stage, run_name="__main__")
 """
 
 
-def project(root: Path, **sections) -> Path:
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """An empty MLflow store, made once: creating its tables takes seconds."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def project(root: Path, store: Path, **sections) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(store, root / "mlflow.db")
     params = {"mlflow": {"experiment": EXPERIMENT, "registered_model": "kills-model"}}
     (root / "params.yaml").write_text(json.dumps({**params, **sections}))  # JSON is YAML
     return root
@@ -106,7 +116,7 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process.poll() is not None:
-            out, err = process.communicate()
+            _, err = process.communicate()
             raise AssertionError(f"stage ended ({process.returncode}) too early:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
@@ -162,14 +172,20 @@ def assert_one_line(err: str, expected: str) -> None:
     assert err.strip().splitlines()[-1] == expected, err[-3000:]
 
 
-@pytest.fixture
-def prepared_project(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def prepared_template(tmp_path_factory, store) -> Path:
     """data/raw with three classes and a data/prepared from a finished prepare run."""
-    root = project(tmp_path / "repo", prepare={"class_set": "folders", "min_side": 16})
+    root = tmp_path_factory.mktemp("prepared") / "repo"
+    project(root, store, prepare={"class_set": "folders", "min_side": 16})
     make_class_tree(root / "data" / "raw", per_class=12, classes=("cat", "dog", "owl"))
     done = run_stage(root, "prepare")
     assert done.returncode == 0, done.stderr[-3000:]
     return root
+
+
+@pytest.fixture
+def prepared_project(prepared_template, tmp_path) -> Path:
+    return Path(shutil.copytree(prepared_template, tmp_path / "repo", symlinks=True))
 
 
 def test_sigterm_during_prepare_keeps_the_previous_outputs(prepared_project):
@@ -207,10 +223,10 @@ def test_after_a_sigkill_the_next_run_cleans_up_and_closes_the_runs(prepared_pro
     assert "left RUNNING by process" in again.stderr
 
 
-def test_sigterm_during_download_keeps_data_raw(tmp_path):
+def test_sigterm_during_download_keeps_data_raw(tmp_path, store):
     source = tmp_path / "animals"
     make_class_tree(source / "raw-img", per_class=8, classes=("cane", "gatto", "ragno"))
-    root = project(tmp_path / "repo", data={"source": str(source)})
+    root = project(tmp_path / "repo", store, data={"source": str(source)})
     first = run_stage(root, "download")
     assert first.returncode == 0, first.stderr[-3000:]
     data = root / "data"
@@ -228,9 +244,10 @@ def test_sigterm_during_download_keeps_data_raw(tmp_path):
     assert runs_by_status(root, "download") == ["FINISHED", "KILLED"]
 
 
-def test_sigterm_during_training_keeps_the_resume_state(tmp_path):
+def test_sigterm_during_training_keeps_the_resume_state(tmp_path, store):
     root = project(
         tmp_path / "repo",
+        store,
         train={
             "weights": "none",
             "image_size": 32,
@@ -238,6 +255,7 @@ def test_sigterm_during_training_keeps_the_resume_state(tmp_path):
             "dense_units": 8,
             "epochs": 6,
             "input": "files",
+            "trainable": "head",  # small weights files: quick epochs and saves
         },
     )
     tiny_data.write_prepared(root, train_per_class=2, val_per_class=1)

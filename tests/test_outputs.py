@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +47,98 @@ def test_replace_directory_swaps_in_only_on_success(tmp_path, umask_022):
         (staging / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert target.stat().st_mode & 0o777 == 0o755
+
+
+def dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def leftover(folder, name: str, pid: int, *, directory: bool = False, old: bool = True):
+    """What a writer killed outright leaves: ``.<name>.<pid>-<random>.tmp``."""
+    path = folder / f".{name}.{pid}-abcd1234.tmp"
+    if directory:
+        path.mkdir()
+        (path / "half.txt").write_text("half")
+    else:
+        path.write_text("half")
+    if old:  # from before this process started
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return path
+
+
+@pytest.fixture
+def fresh_sweep(monkeypatch):
+    """Writers sweep each folder once per process; let each test sweep anew."""
+    monkeypatch.setattr(outputs, "_swept", set())
+
+
+def test_writers_remove_what_killed_writers_left(tmp_path, fresh_sweep):
+    gone = dead_pid()
+    leftover(tmp_path, "metrics.json", gone)
+    leftover(tmp_path, "prepared", gone, directory=True)
+    leftover(tmp_path, "raw.download", gone, directory=True)
+
+    outputs.write_json(tmp_path / "metrics.json", {"a": 1})
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_temp_files_of_live_or_newer_writers_are_kept(tmp_path, fresh_sweep):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = {
+            leftover(tmp_path, "a.json", live.pid),  # a writer at work, in another process
+            leftover(tmp_path, "b.json", os.getpid()),  # this process's own
+            leftover(tmp_path, "c.json", dead_pid(), old=False),  # newer than this process
+        }
+        (tmp_path / ".hidden.tmp").write_text("not ours")
+        (tmp_path / ".d.json.123.tmp").write_text("not ours")
+        outputs.write_json(tmp_path / "x.json", {})
+    finally:
+        live.kill()
+        live.wait()
+    assert {p for p in tmp_path.iterdir()} == {
+        *kept,
+        tmp_path / "x.json",
+        tmp_path / ".hidden.tmp",
+        tmp_path / ".d.json.123.tmp",
+    }
+
+
+def test_temp_names_carry_the_writers_pid(tmp_path):
+    names = []
+    with outputs.replace_directory(tmp_path / "out") as staging:
+        names.append(staging.name)
+    with outputs.temporary_directory(tmp_path, "raw.download") as scratch:
+        names.append(scratch.name)
+    assert [name.split("-")[0] for name in names] == [
+        f".out.{os.getpid()}",
+        f".raw.download.{os.getpid()}",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupted_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        staging_done = Path(src).name.endswith(".tmp") and "-old" not in Path(src).name
+        if staging_done and Path(dst) == target:
+            raise KeyboardInterrupt  # between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), outputs.replace_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]

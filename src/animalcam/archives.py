@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from animalcam.errors import DataError, UnsafeArchiveError
 
@@ -49,11 +50,15 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # General-purpose flag bit 11: the name is UTF-8 (APPNOTE 4.4.4).
 _UTF8_FLAG = 0x800
-# Used when pathconf cannot tell (no such call on Windows): the limits of ext4 and NTFS.
+# Used when pathconf cannot tell (no such call on Windows): Linux's usual limits.
 _DEFAULT_NAME_MAX = 255
 _DEFAULT_PATH_MAX = 4096
-# A temporary folder's name is ".<name>.<8 random characters>.tmp" (outputs.replace_directory).
-_TEMP_NAME_EXTRA = len("..12345678.tmp")
+# A central-directory record is 46 bytes plus its name (at most a few hundred bytes in
+# practice) and extra fields; a listing averaging more than this per entry is padded.
+_MAX_RECORD_BYTES = 1024
+# What outputs.replace_directory adds to a folder's name while building it (a dot, the
+# pid, 8 random characters, "-old" for the folder it replaces, ".tmp"), at the longest.
+_TEMP_NAME_EXTRA = len("..4194304-12345678-old.tmp")
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,14 @@ class Member:
 
 
 @contextlib.contextmanager
-def open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
+def open_zip(path: Path, max_members: int | None = None) -> Iterator[zipfile.ZipFile]:
     """Open ``path`` as a zip; a file that is not one is a DataError, not a traceback.
 
     Opened without blocking and checked to be a regular file before a byte is read, so a
     FIFO or device (swapped in after the caller looked) cannot hang or flood the stage.
+    With ``max_members``, an archive whose end record declares more entries (or a
+    central directory too large for that many) is refused before :mod:`zipfile` loads
+    its listing into memory.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC)
@@ -81,26 +89,49 @@ def open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
     with open(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DataError(f"{path} is not a regular file; point data.source at a zip file.")
-        try:
-            zf = zipfile.ZipFile(file)
-        except UnicodeDecodeError as exc:
-            raise UnsafeArchiveError(
-                f"{path}: a member name is marked as UTF-8 but is not ({exc.object!r}); "
-                "refusing to unpack this archive (nothing was written). Re-create it with "
-                "UTF-8 names, or unpack it yourself and set data.source to the folder."
-            ) from None
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
-            raise DataError(
-                f"{path} is not a readable zip archive ({exc}); download it again, or point "
-                "data.source at the unpacked folder."
-            ) from None
-        except struct.error as exc:  # a central directory cut short
-            raise DataError(
-                f"{path} is not a readable zip archive (truncated: {exc}); download it "
-                "again, or point data.source at the unpacked folder."
-            ) from None
-        with zf:
+        if max_members is not None:
+            _check_declared_entries(file, path, max_members)
+        with _read_central_directory(file, path) as zf:
             yield zf
+
+
+def _check_declared_entries(file: BinaryIO, path: Path, max_members: int) -> None:
+    try:
+        # zipfile's own reader of the end record (private, but unchanged since Python 2.6);
+        # without it, the count after loading (checked_members) still applies.
+        end = zipfile._EndRecData(file)
+        entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    except (AttributeError, TypeError, IndexError, OSError, ValueError, struct.error):
+        # No end record (end is None), or a zipfile without the helper.
+        return  # zipfile.ZipFile says what is wrong, in the caller
+    if entries > max_members or size > max_members * _MAX_RECORD_BYTES:
+        raise UnsafeArchiveError(
+            f"{path} declares {entries:,} entries ({size:,} bytes of listing), more than "
+            f"data.max_members = {max_members:,} allows; refusing to unpack it (nothing was "
+            "written). If the archive is genuine, raise data.max_members in params.yaml."
+        )
+
+
+def _read_central_directory(file: BinaryIO, path: Path) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(file)``, its failures as one-line errors."""
+    try:
+        return zipfile.ZipFile(file)
+    except UnicodeDecodeError as exc:
+        raise UnsafeArchiveError(
+            f"{path}: a member name is marked as UTF-8 but is not ({exc.object[:120]!r}); "
+            "refusing to unpack this archive (nothing was written). Re-create it with "
+            "UTF-8 names, or unpack it yourself and set data.source to the folder."
+        ) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise DataError(
+            f"{path} is not a readable zip archive ({exc}); download it again, or point "
+            "data.source at the unpacked folder."
+        ) from None
+    except struct.error as exc:  # a central directory cut short
+        raise DataError(
+            f"{path} is not a readable zip archive (truncated: {exc}); download it "
+            "again, or point data.source at the unpacked folder."
+        ) from None
 
 
 def member_name(info: zipfile.ZipInfo, archive: str | Path = "archive") -> str:

@@ -77,9 +77,11 @@ from animalcam.archives import (
     GB,
     checked_members,
     extract_member,
+    member_name,
     name_length_problem,
     open_zip,
     path_clash,
+    safe_member_path,
 )
 from animalcam.errors import (
     AnimalcamError,
@@ -174,6 +176,7 @@ class FolderScan:
 
     files: dict[PurePosixPath, SourceFile] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+    folders: list[PurePosixPath] = field(default_factory=list)  # every one walked
 
 
 def is_kaggle_source(source: str) -> bool:
@@ -229,7 +232,7 @@ def download_dataset(
     max_bytes = int(data.max_extract_gb * GB)
     if local is None:
         raw = _from_kaggle(data.kaggle_dataset, out_dir, max_bytes, data.max_members)
-    elif stat.S_ISDIR(os.stat(local).st_mode):
+    elif local.is_dir():  # only stat-ed; vanished since: open_zip says so in one line
         raw = copy_folder(local, out_dir, data.max_members)
     else:
         raw = unpack_zip(local, out_dir, max_bytes, max_members=data.max_members)
@@ -326,7 +329,7 @@ def local_fingerprint(source: str, path: Path, max_files: int | None = None) -> 
     if not stat.S_ISREG(info.st_mode):
         return {"source": source, "special": oct(stat.S_IFMT(info.st_mode))}
     try:
-        with open_zip(path) as zf:
+        with open_zip(path, max_files) as zf:
             for entry in zf.infolist():
                 name = entry.orig_filename.encode("utf-8", "surrogateescape")
                 digest.update(name + f"\0{entry.CRC}\0{entry.file_size}\n".encode())
@@ -337,16 +340,19 @@ def local_fingerprint(source: str, path: Path, max_files: int | None = None) -> 
 
 
 def select_class_files(
-    paths: Iterable[PurePosixPath], where: str | Path, skipped: Sequence[Skipped] = ()
+    paths: Iterable[PurePosixPath],
+    where: str | Path,
+    skipped: Sequence[Skipped] = (),
+    folders: Iterable[PurePosixPath] = (),
 ) -> tuple[dict[PurePosixPath, PurePosixPath], list[Skipped]]:
     """Map each file of a source (relative path) to its place under data/raw.
 
     The class folders sit in the shallowest ``raw-img`` folder when there is one, else at
-    the top. A class folder is one holding at least one image; folders without any are
-    returned as skipped (``no_images``) and logged as a warning; files beside the class
-    folders (``translate.py``, a README) and hidden files are dropped. DataError when no
-    class folder is found, naming what was there instead (and ``skipped``: what the
-    caller already left out).
+    the top. A class folder is one holding at least one image; folders without any
+    (``folders`` names the empty ones too) are returned as skipped (``no_images``) and
+    logged as a warning; files beside the class folders (``translate.py``, a README) and
+    hidden files are dropped. DataError when no class folder is found, naming what was
+    there instead (and ``skipped``: what the caller already left out).
     """
     visible = [p for p in paths if not _hidden(p)]
     root = _class_root(visible, where)
@@ -357,6 +363,9 @@ def select_class_files(
         rel = path.relative_to(root)
         if len(rel.parts) >= 2:  # inside a folder, not loose beside the class folders
             by_class.setdefault(rel.parts[0], {})[path] = rel
+    for folder in folders:  # empty folders too: a class folder is never dropped unsaid
+        if folder.parent == root and folder != root and not _hidden(folder):
+            by_class.setdefault(folder.name, {})
     chosen: dict[PurePosixPath, PurePosixPath] = {}
     empty: list[Skipped] = []
     for name in sorted(by_class):
@@ -368,12 +377,14 @@ def select_class_files(
     if not chosen:
         raise DataError(
             f"{where} holds no class folders with images (found: {_describe(visible)}"
-            f"{_describe_skipped(skipped)}); expected the Kaggle layout "
+            f"{'; ' + _describe_skipped(skipped) if skipped else ''}); expected the Kaggle layout "
             "raw-img/<class>/<image>, or class folders at the top."
         )
     for folder in empty:
         logger.warning(
-            "Skipping %s in %s: it holds no images, so it is no class folder", folder.path, where
+            "Skipping %s in %s: it holds no images, so it is not taken as a class folder",
+            folder.path,
+            where,
         )
     return chosen, empty
 
@@ -387,9 +398,14 @@ def unpack_zip(archive: Path, out_dir: str | Path, max_bytes: int, *, max_member
     created.
     """
     out_dir = Path(out_dir)
-    with open_zip(archive) as zf:
+    with open_zip(archive, max_members) as zf:
         members = checked_members(zf, max_bytes, archive, max_members=max_members)
-        selected, skipped = select_class_files((m.path for m in members), archive)
+        folders = {
+            safe_member_path(member_name(info, archive), archive)
+            for info in zf.infolist()
+            if info.is_dir()
+        }
+        selected, skipped = select_class_files((m.path for m in members), archive, (), folders)
         chosen = [(m, selected[m.path]) for m in members if m.path in selected]
         if problem := name_length_problem((m.path for m in members), out_dir):
             raise UnsafeArchiveError(
@@ -428,7 +444,7 @@ def copy_folder(folder: Path, out_dir: str | Path, max_files: int | None = None)
     """
     out_dir = Path(out_dir)
     scan = scan_folder(folder, max_files)
-    selected, empty = select_class_files(scan.files, folder, scan.skipped)
+    selected, empty = select_class_files(scan.files, folder, scan.skipped, scan.folders)
     skipped = [*scan.skipped, *empty]
     problem = path_clash(selected.values()) or name_length_problem(selected.values(), out_dir)
     if problem:
@@ -449,7 +465,7 @@ def copy_folder(folder: Path, out_dir: str | Path, max_files: int | None = None)
         if not copied:
             raise DataError(
                 f"none of the {len(selected)} files in the class folders of {folder} could "
-                f"be read{_describe_skipped(skipped)}; check their permissions and the disk."
+                f"be read ({_describe_skipped(skipped)}); check their permissions and the disk."
             )
     return _summarize(out_dir, skipped=tuple(skipped))
 
@@ -465,12 +481,17 @@ def scan_folder(folder: Path, max_files: int | None = None) -> FolderScan:
     root = Path(os.path.realpath(folder))
     scan = FolderScan()
 
+    def relative(path: str | Path) -> PurePosixPath:
+        return PurePosixPath(Path(os.path.relpath(path, folder)).as_posix())
+
     def skip(path: str | Path, reason: str) -> None:
-        rel = os.path.relpath(path, folder)
-        scan.skipped.append(Skipped(_printable(rel.replace(os.sep, "/")), reason))
+        scan.skipped.append(Skipped(_printable(str(relative(path))), reason))
 
     def unreadable_folder(exc: OSError) -> None:
-        skip(exc.filename if exc.filename is not None else folder, UNREADABLE_FOLDER)
+        path = exc.filename if exc.filename is not None else folder
+        skip(path, UNREADABLE_FOLDER)
+        if relative(path) in scan.folders:  # listed once, for the reason that counts
+            scan.folders.remove(relative(path))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable_folder):
         kept = []
@@ -484,6 +505,7 @@ def scan_folder(folder: Path, max_files: int | None = None) -> FolderScan:
                 skip(path, LINKED_FOLDER)
             else:
                 kept.append(name)
+                scan.folders.append(relative(path))
         dirnames[:] = kept  # os.walk descends into these only
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
@@ -493,7 +515,7 @@ def scan_folder(folder: Path, max_files: int | None = None) -> FolderScan:
             if isinstance(found, str):
                 skip(path, found)
                 continue
-            scan.files[PurePosixPath(Path(os.path.relpath(path, folder)).as_posix())] = found
+            scan.files[relative(path)] = found
             if max_files is not None and len(scan.files) > max_files:
                 raise DataError(
                     f"{folder} holds more than data.max_members = {max_files:,} files; "
@@ -912,23 +934,20 @@ def _describe(paths: list[PurePosixPath], limit: int = 8) -> str:
 
 
 def _describe_skipped(skipped: Sequence[Skipped]) -> str:
-    """'; skipped: 3 (2 broken_link, 1 special_file), e.g. cane/x.jpg (broken_link)'."""
-    if not skipped:
-        return ""
-    counts = ", ".join(
-        f"{n} {reason}" for reason, n in sorted(Counter(s.reason for s in skipped).items())
-    )
+    """'3 entries skipped (2 broken_link, 1 special_file): cane/x.jpg (broken_link), ...'."""
+    counts = Counter(s.reason for s in skipped)
+    per_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
     first = ", ".join(f"{s.path} ({s.reason})" for s in skipped[:_SKIPPED_SHOWN])
-    return f"; skipped {len(skipped)}: {counts}; first: {first}"
+    more = f", and {len(skipped) - _SKIPPED_SHOWN} more" if len(skipped) > _SKIPPED_SHOWN else ""
+    noun = "entry" if len(skipped) == 1 else "entries"
+    return f"{len(skipped)} {noun} skipped ({per_reason}): {first}{more}"
 
 
 def _warn_skipped(where: str, skipped: Sequence[Skipped], stamp: Path | None) -> None:
     """One warning line: how many entries were skipped, per reason, and the first few."""
     if skipped:
         listed = f" (all listed in {stamp})" if stamp is not None else ""
-        logger.warning(
-            "%s: some entries were not used%s%s", where, _describe_skipped(skipped), listed
-        )
+        logger.warning("%s: %s%s", where, _describe_skipped(skipped), listed)
 
 
 def _reuse(out_dir: Path, stamp_content: dict, where: str, stamp: Path | None) -> RawData:

@@ -15,9 +15,10 @@ Layout::
                                    manifest paths (in order), its shard files and their sizes
     data/cache/<split>-NNNNN.tfrecord   records {path, label, image} in manifest order
 
-``image`` is a PNG (``cache.encoding: png``, lossless: evaluate sees exactly what serving
-sees), a JPEG (``jpeg``: smaller, but lossy, so evaluate and serving differ by its
-rounding) or the serialised uint8 tensor (``raw``: exact, largest, no decoding).
+``image`` is the serialised uint8 tensor (``cache.encoding: raw``: exactly the pixels
+serving computes, nothing to decode), a PNG (``png``: as exact, smaller, slower to read)
+or a JPEG (``jpeg``: the smallest, but lossy, so training and evaluation then see pixels
+that serving does not).
 :func:`build_cache` streams through ``tf.data`` (parallel decode, bounded
 buffers), so its memory does not grow with the dataset. Readers check that the cache was
 made for the same manifest and image size and say how to rebuild it otherwise.
@@ -124,7 +125,7 @@ def _write_split(
         pixels = load_image(path, image_size)
         pixels = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8)
         if params.encoding == "png":
-            data = tf.io.encode_png(pixels)
+            data = tf.io.encode_png(pixels, compression=1)  # zlib level 1: far faster, hardly larger
         elif params.encoding == "jpeg":
             data = tf.io.encode_jpeg(pixels, quality=params.quality, chroma_downsampling=False)
         else:

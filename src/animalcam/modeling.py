@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ import keras
 import numpy as np
 
 import animalcam.layers  # noqa: F401  (registers Preprocess and ClassProbabilities)
+from animalcam import outputs
 from animalcam.backbones import BACKBONES, Backbone
 from animalcam.errors import ModelError, ParamsError, SourceNotFoundError
 from animalcam.layers import ClassProbabilities, Preprocess
@@ -256,7 +256,8 @@ def save_model(model: keras.Model, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keras insists on the .keras suffix, so the temporary sibling keeps it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.keras")
+    # Named after this process, so that the next writer removes it if a kill leaves it.
+    fd, tmp = outputs.temp_file(path, suffix=".tmp.keras")
     os.close(fd)
     try:
         model.save(tmp)

@@ -38,16 +38,11 @@ def _umask() -> int:
     return mask
 
 
-def _process_start() -> float:
-    try:
-        return psutil.Process().create_time()
-    except psutil.Error:  # no /proc (a locked-down container): this module's import time
-        return time.time()
-
-
-# A leftover must be older than this process: whatever appeared since belongs to a writer
-# that started after us, alive or not, and is left for a later run to judge.
-_STARTED = _process_start()
+# A leftover must be older than this module's import in this process: what appeared
+# since belongs to a writer that started after us, alive or not, and is left for a later
+# run to judge. (Wall-clock time, as file times are; psutil's process start times are
+# derived from the boot time and can be off from it by a second.)
+_STARTED = time.time()
 
 
 def temp_prefix(name: str) -> str:
@@ -55,19 +50,14 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}-"
 
 
-def process_alive(pid: int, started: float | None = None) -> bool:
-    """Whether process ``pid`` still runs (a zombie does not). With ``started`` (its
-    ``create_time``), a process that took over the pid later does not count either."""
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped)."""
     try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        created = process.create_time()
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError, OverflowError):
         return False
     except psutil.Error:  # alive, but we may not look at it (another user's)
         return True
-    return started is None or abs(created - started) < 1.0
 
 
 # What tempfile's mkstemp/mkdtemp make from temp_prefix(name): eight random characters,

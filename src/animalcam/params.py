@@ -26,6 +26,9 @@ import yaml
 from animalcam.errors import ParamsError, SourceNotFoundError
 
 DEFAULT_PATH = Path("params.yaml")
+# A text setting whose values include "on" and "off" ("auto", "on", "off", ...). YAML 1.1
+# reads a bare on/off as a boolean; for these keys it is taken back as the word.
+Switch = typing.NewType("Switch", str)
 
 
 # numpy's legacy seeding and TensorFlow's op seeds take 32-bit values; keep to int32.
@@ -212,7 +215,7 @@ class TrainParams:
     reduce_lr_patience: int = 3
     min_lr: float = 1e-7
     # "auto": float16 compute on a GPU, float32 elsewhere; "on"/"off" force it.
-    mixed_precision: str = "auto"
+    mixed_precision: Switch = "auto"
     # XLA for the full model (backbone + head). Off: on a CPU compiling VGG16 costs more
     # than it saves and the last, smaller batch compiles twice; worth trying on a GPU.
     xla: bool = False
@@ -227,7 +230,7 @@ class TrainParams:
     # "auto": epochs with a frozen backbone (trainable: head, or warm-up) train the head on
     # backbone features computed once per image, instead of running the backbone every
     # epoch; "off": always run the whole model.
-    feature_cache: str = "auto"
+    feature_cache: Switch = "auto"
     # Feature sets computed per training image for those epochs: the first without
     # augmentation, the others with train.augment; epoch e uses set e mod feature_copies.
     # 1 = no augmentation for the head (fastest); each extra copy costs one backbone pass.
@@ -332,11 +335,12 @@ class CacheParams:
     """The prepared-image cache (data/cache): each usable image decoded and resized once,
     to train.image_size, so that train and evaluate never decode the originals again."""
 
-    # "png": lossless, so train and evaluate see exactly the pixels the served model
-    # computes from the same file. "jpeg": re-encoded at `quality`, a few times smaller,
-    # but lossy (evaluate then differs from serving by JPEG rounding). "raw": uint8
-    # pixels, exact, largest, no decoding at all. Sizes: docs/benchmarks.md.
-    encoding: str = "png"
+    # "raw": uint8 pixels, exactly what the served model computes from the same file, and
+    # nothing to decode (the fastest to read). "png": also exact, about half the size,
+    # slower to read. "jpeg": re-encoded at `quality`, the smallest, but lossy: training
+    # and evaluation then see JPEG-rounded pixels that serving does not. Sizes and
+    # speeds: docs/benchmarks.md.
+    encoding: str = "raw"
     quality: int = 95  # JPEG quality; 95 keeps pixels within a few levels of the resize
     shard_images: int = 1024  # images per TFRecord shard (shuffled shard order per epoch)
 
@@ -381,7 +385,7 @@ class ExplainParams:
     faithfulness_fraction: float = 0.2  # share of the image blurred in the check
     seed: int = 0  # places the random regions the faithfulness check compares against
     # XLA for the Grad-CAM step. "auto": on a GPU only (no gain measured on a CPU).
-    xla: str = "auto"
+    xla: Switch = "auto"
 
     def check(self, prefix: str) -> None:
         _check_ints(
@@ -558,7 +562,13 @@ def _join(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    Switch: "a string",
+}
 
 
 def _convert(hint: Any, value: object, key: str) -> Any:
@@ -584,6 +594,13 @@ def _convert(hint: Any, value: object, key: str) -> Any:
                 pass
         if option is str and isinstance(value, str):
             return value
+        if option is Switch and isinstance(value, str):
+            return value
+        # YAML 1.1 reads a bare on/off (as `dvc exp run -S train.feature_cache=off` writes
+        # it) as true/false; for a switch those mean "on" and "off", which the section's
+        # check then accepts or refuses with the allowed values.
+        if option is Switch and isinstance(value, bool):
+            return "on" if value else "off"
     wanted = " or ".join(_TYPE_WORDS.get(o, "null") for o in options)
     raise ParamsError(f"params.yaml: {key} = {_show(value)} has the wrong type; expected {wanted}.")
 

@@ -434,8 +434,8 @@ def check_sqlite_store(uri: str) -> None:
             log.debug("not checking %s: %s", path, exc)
             return
         raise TrackingError(
-            f"MLflow store {path} is not a readable SQLite database ({exc}): it was damaged "
-            f"(a full disk, an interrupted copy) or is another kind of file; {fix}."
+            f"MLflow store {path} is not a usable SQLite database ({exc}): it is damaged "
+            f"(a full disk, an interrupted copy) or not a database at all; {fix}."
         ) from None
     if problems:
         raise TrackingError(
@@ -530,11 +530,11 @@ def _recording(what: str, uri: str) -> Iterator[None]:
     try:
         yield
     except _store_errors() as exc:
-        message = _one_line(exc, uri)
-        leaks = message != " ".join(str(exc).split())[:300]
-        raise TrackingError(f"MLflow ({public_uri(uri)}) could not {what}: {message}") from (
-            None if leaks else exc
-        )
+        text = " ".join(str(exc).split())
+        cause = exc if redact(text, uri) == text else None
+        raise TrackingError(
+            f"MLflow ({public_uri(uri)}) could not {what}: {_one_line(exc, uri)}"
+        ) from cause
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -1098,8 +1098,20 @@ def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 
 def _holder_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process named by a run's :func:`process_tags` may still hold it."""
     try:
         pid, started = int(tags[PID_TAG]), float(tags[PID_STARTED_TAG])
     except (KeyError, ValueError):
         return True  # not tagged by us: not ours to judge
-    return outputs.process_alive(pid, started)
+    if not outputs.process_alive(pid):
+        return False
+    try:
+        process = psutil.Process(pid)
+        if abs(process.create_time() - started) < 2.0:  # the clock it derives from drifts
+            return True
+        # The pid was reused. By a Python or DVC process? Then play safe: maybe it is ours.
+        return any(word in " ".join(process.cmdline()[:2]) for word in ("python", "dvc"))
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True

@@ -1,12 +1,14 @@
 """DVC stage `cache`: data/prepared (+ data/raw) -> data/cache/, images decoded once."""
 
 from animalcam import tracking
-from animalcam.image_cache import build_cache
 from animalcam.params import load_params
 from animalcam.stage import run_stage
 
 
 def main() -> None:
+    # TensorFlow is started by run_stage first, with its start-up chatter captured.
+    from animalcam.image_cache import build_cache
+
     params = load_params()
     with tracking.stage_run("cache", params, sections=("cache",), data_path="data/prepared") as run:
         counts = build_cache(
@@ -16,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, "cache")
+    run_stage(main, "cache", tensorflow=True)

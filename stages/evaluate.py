@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: model + validation split -> metrics/evaluate.json, plots/evaluate/."""
 
-from animalcam import dataset, evaluation, image_cache, modeling, outputs, tracking
+from animalcam import outputs, tracking
 from animalcam.params import load_params
 from animalcam.stage import run_stage
 
@@ -8,6 +8,9 @@ METRICS = "metrics/evaluate.json"
 
 
 def main() -> None:
+    # TensorFlow is started by run_stage first, with its start-up chatter captured.
+    from animalcam import dataset, evaluation, image_cache, modeling
+
     params = load_params()
     with tracking.stage_run("evaluate", params, model_run_file="models/mlflow_run.json") as run:
         model = modeling.load_model("models/model.keras")
@@ -35,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, "evaluate")
+    run_stage(main, "evaluate", tensorflow=True)

@@ -1,6 +1,6 @@
 """DVC stage `explain`: model + predictions -> plots/gradcam/, metrics/explain.json."""
 
-from animalcam import explanation, modeling, outputs, tracking
+from animalcam import outputs, tracking
 from animalcam.params import load_params
 from animalcam.stage import run_stage
 
@@ -8,6 +8,9 @@ METRICS = "metrics/explain.json"
 
 
 def main() -> None:
+    # TensorFlow is started by run_stage first, with its start-up chatter captured.
+    from animalcam import explanation, modeling
+
     params = load_params()
     with tracking.stage_run("explain", params, model_run_file="models/mlflow_run.json") as run:
         model = modeling.load_model("models/model.keras")
@@ -31,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, "explain")
+    run_stage(main, "explain", tensorflow=True)

@@ -3,12 +3,8 @@
 from pathlib import Path
 
 from animalcam import outputs, tracking
-from animalcam.dataset import read_classes, read_manifest
-from animalcam.modeling import save_model
 from animalcam.params import load_params
-from animalcam.resume import clear_state
 from animalcam.stage import run_stage
-from animalcam.training import HISTORY_COLUMNS, history_rows, train_model
 
 PREPARED = Path("data/prepared")
 CACHE = Path("data/cache")  # the cache stage's output, read when train.input is "cache"
@@ -21,6 +17,12 @@ STATE_DIR = Path(".train_state")
 
 
 def main() -> None:
+    # TensorFlow is started by run_stage first, with its start-up chatter captured.
+    from animalcam.dataset import read_classes, read_manifest
+    from animalcam.modeling import save_model
+    from animalcam.resume import clear_state
+    from animalcam.training import HISTORY_COLUMNS, history_rows, train_model
+
     params = load_params()
     with tracking.stage_run("train", params) as run:
         class_names = read_classes(PREPARED / "classes.json")
@@ -56,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, "train")
+    run_stage(main, "train", tensorflow=True)

@@ -47,7 +47,7 @@ MODEL_TEST_MODULES = {
     "test_kills",
     "test_modeling",
     "test_pipeline_full",
-    "test_queue",
+    "test_resume_state",
     "test_serving",
     "test_tracking",
     "test_training",

@@ -273,3 +273,29 @@ def test_sigterm_during_training_keeps_the_resume_state(tmp_path, store):
     assert temps(state.parent) == []
     assert runs_by_status(root, "train") == ["KILLED"]
     assert parents_status(root) == ["KILLED"]
+
+
+UNWIND = """
+import os, signal, time
+from animalcam.stage import run_stage
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one: the clean-up still finishes
+        time.sleep(0.2)
+        print("cleaned up", flush=True)
+
+run_stage(main, "demo")
+"""
+
+
+def test_sigterm_unwinds_the_stage_like_ctrl_c():
+    done = subprocess.run(
+        [sys.executable, "-c", UNWIND], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 128 + signal.SIGTERM
+    assert done.stdout == "cleaned up\n"
+    assert done.stderr == "animalcam demo: stopped by SIGTERM\n"

@@ -188,6 +188,7 @@ def test_truncated_weights_mean_a_fresh_run(killed_run, state, caplog):
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
+@pytest.mark.filterwarnings("ignore:Skipping:UserWarning")  # Keras on the foreign file
 def test_weights_that_open_but_do_not_load_mean_a_fresh_run(killed_run, state, caplog):
     state_dir, saved, _ = state
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import reprlib
 
 from animalcam.errors import EnvironmentVariableError
 
 LOG_LEVEL = "ANIMALCAM_LOG_LEVEL"
 DEBUG = "ANIMALCAM_DEBUG"
+PIPELINE_RUN_ID = "ANIMALCAM_PIPELINE_RUN_ID"
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _MAX_LEVEL = logging.CRITICAL  # anything above silences every message, surely a typo
@@ -60,10 +63,40 @@ def debug_enabled() -> bool:
     )
 
 
+def pipeline_run_id() -> str | None:
+    """``$ANIMALCAM_PIPELINE_RUN_ID``: the MLflow run id stages join, or None (unset/blank).
+
+    MLflow run ids are letters, digits, ``-`` and ``_`` (32 hex digits from its stores);
+    anything else cannot name a run and is refused before it reaches a query or a log line.
+    """
+    raw = os.environ.get(PIPELINE_RUN_ID, "")
+    text = raw.strip()
+    if not text:
+        return None
+    if not _RUN_ID.fullmatch(text):
+        raise EnvironmentVariableError(
+            f"{PIPELINE_RUN_ID}={_show(raw)} is not an MLflow run id (letters, digits, - "
+            "and _, as `mlflow runs list` shows them); unset it, or give the id of the "
+            "pipeline run to add stages to."
+        )
+    return text
+
+
+def text_variable(name: str, limit: int = 250) -> str | None:
+    """An informational variable (``DVC_EXP_NAME``, ...) fit for a tag or a run name:
+    bytes that are not UTF-8 and control characters replaced, at most ``limit``
+    characters; None when unset or blank."""
+    raw = os.environ.get(name, "")
+    text = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "\ufffd" for c in text).strip()
+    return text[:limit] or None
+
+
 def check_environment() -> None:
     """Raise EnvironmentVariableError for the first of our variables with a bad value."""
     log_level()
     debug_enabled()
+    pipeline_run_id()
 
 
 _short = reprlib.Repr()

@@ -206,7 +206,12 @@ def _check_all(paths: list[Path], params: PrepareParams, workers: int | None) ->
     if workers == 1 or len(paths) < _PARALLEL_FROM:
         return list(progress(map(check, paths)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(check, paths, chunksize=32)))
+        try:
+            return list(progress(pool.map(check, paths, chunksize=32)))
+        except BaseException:
+            # Ctrl-C or SIGTERM: stop now rather than after every queued image is checked.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def _drop_exact_duplicates(

@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from animalcam import environment
+
 log = logging.getLogger(__name__)
 
 
@@ -192,7 +194,8 @@ def dvc_tags() -> dict[str, str]:
         "DVC_EXP_NAME": "dvc.exp_name",
         "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
     }
-    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+    values = {tag: environment.text_variable(var) for var, tag in names.items()}
+    return {tag: value for tag, value in values.items() if value}
 
 
 # --- Which execution a stage belongs to ---------------------------------------------------

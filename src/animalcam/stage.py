@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 
 from animalcam import environment
 from animalcam.errors import AnimalcamError, EnvironmentVariableError
 
 EXIT_USER_ERROR = 2
+log = logging.getLogger(__name__)
 
 
 def configure_logging(stage: str | None = None) -> None:
@@ -42,19 +45,23 @@ def configure_logging(stage: str | None = None) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def run_stage(main: Callable[[], object], name: str) -> None:
+def run_stage(main: Callable[[], object], name: str, *, tensorflow: bool = False) -> None:
     """Run ``main`` as the DVC stage ``name``; never returns.
 
     SIGTERM (and SIGHUP, unless ignored) stop the stage as Ctrl-C does: every ``with``
     block unwinds, so temporary outputs are removed, the previous outputs stay and the
     MLflow runs end KILLED; then one line and exit code 128 + the signal's number.
+    ``tensorflow``: start TensorFlow first, quietly (see :func:`start_tensorflow`); the
+    stage's script then imports the modules that use it inside ``main``.
     """
-    configure_logging()
+    configure_logging(name)
     _stop_on_signals()
     try:
+        if tensorflow:
+            start_tensorflow()
         main()
     except AnimalcamError as exc:
-        if os.environ.get("ANIMALCAM_DEBUG"):
+        if environment.debug_enabled():
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"animalcam {name}: error: {message}", file=sys.stderr)
@@ -104,3 +111,43 @@ def _stop_on_signals() -> None:
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, stop)
+
+
+# What TensorFlow's C++ side writes to stderr while it starts, before any setting of ours
+# (or TF_CPP_MIN_LOG_LEVEL) applies: a banner, oneDNN and CPU-feature notices, and on a
+# machine without a GPU the CUDA probes' complaints. Not news to a stage's user.
+_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cpu_feature_guard|rebuild TensorFlow|"
+    r"AVX|cuda drivers|cuInit|CUDA error|TensorRT|Unable to register cu|computation placer|"
+    r"This TensorFlow binary is optimized"
+)
+_TF_LINE = re.compile(r"^([IWEF])\d{4} ")
+
+
+def start_tensorflow() -> None:
+    """Import TensorFlow and list its devices with its C++ start-up output captured.
+
+    Expected start-up lines are logged at DEBUG; any other warning or error it writes (a
+    GPU library that does not load, on a GPU runner) is logged as a WARNING. So a stage's
+    user sees our lines, and a bad input still ends in exactly one.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO once it is up
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe writes here, not later
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        kind = _TF_LINE.match(line)
+        quiet = not line.strip() or _STARTUP_NOISE.search(line) or (kind and kind[1] == "I")
+        (log.debug if quiet else log.warning)("tensorflow: %s", line)

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import socket
 import sqlite3
 import time
@@ -65,7 +66,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from animalcam import outputs
+from animalcam import environment, outputs
 from animalcam.errors import SourceNotFoundError, TrackingError
 from animalcam.provenance import (
     devices_used,
@@ -268,7 +269,7 @@ def check_tracking_server(tracking_uri: str | None = None) -> str:
     """
     uri = resolve_tracking_uri(tracking_uri)
     guard_secrets(uri)
-    scheme = uri.partition(":")[0].lower()
+    scheme = _check_uri_form(uri)
     if scheme in ("http", "https"):
         _probe_server(uri)
     elif scheme == "sqlite":
@@ -283,6 +284,45 @@ def check_tracking_server(tracking_uri: str | None = None) -> str:
     elif scheme.split("+")[0] in _DATABASES:
         _probe_database(uri)
     return uri
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+# Stores MLflow hands to plugins or Databricks: left to MLflow.
+_OTHER_STORES = ("databricks", "databricks-uc", "uc")
+
+
+def _check_uri_form(uri: str) -> str:
+    """The lower-case scheme of ``uri``; one line when it cannot name a store we can use."""
+    shown = reprlib.repr(public_uri(uri))
+    supported = (
+        "http(s)://host:port (an mlflow server), sqlite:///path/to/mlflow.db, "
+        "postgresql://, mysql:// or mssql:// (a database), or unset it for the local store "
+        f"sqlite:///{DEFAULT_DB}"
+    )
+    if not uri.strip() or not uri.isprintable():
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={shown} is blank or holds control characters; expected "
+            f"{supported}."
+        )
+    match = _SCHEME.match(uri)
+    scheme = match.group(1).lower() if match and len(match.group(1)) > 1 else ""
+    if scheme in ("", "file"):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={shown} is a folder path or no URI at all (MLflow 3 no "
+            f"longer writes its folder-based file store); expected {supported}."
+        )
+    if scheme == "sqlite" and uri[len("sqlite:///") :].strip() in ("", ":memory:"):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={shown} is an in-memory database: every run would be lost "
+            f"when the stage ends; expected {supported}."
+        )
+    known = ("http", "https", "sqlite", *_DATABASES, *_OTHER_STORES)
+    if scheme.split("+")[0] not in known:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={shown}: {scheme}:// is not a tracking store; expected "
+            f"{supported}."
+        )
+    return scheme
 
 
 # Database servers MLflow stores runs in, with the driver's connect-timeout argument.
@@ -932,7 +972,7 @@ def _find_parent(
     """
     record = read_model_run(model_run_file) if model_run_file is not None else None
     model_run = (record or {}).get("run_id")
-    forced = os.environ.get(PIPELINE_RUN_ENV)
+    forced = environment.pipeline_run_id()
     if forced:
         if _usable_run(client, forced, experiment_id) is None:
             raise TrackingError(
@@ -987,7 +1027,7 @@ def _create_parent(
 ) -> str:
     # Under `dvc exp run` the parent carries the experiment's name; otherwise MLflow's
     # generated name, or the stage's when it runs outside DVC.
-    name = os.environ.get("DVC_EXP_NAME") or (None if key else f"{stage} (standalone)")
+    name = environment.text_variable("DVC_EXP_NAME") or (None if key else f"{stage} (standalone)")
     tags = {**context_tags, KIND_TAG: "pipeline"}
     if key:
         tags[EXECUTION_TAG] = key

@@ -5,7 +5,7 @@ seeded random head over the class folders), same images, same target (each image
 predicted class, scored by its logit), same layer (block5_conv3). Each side produces,
 per image, the class probabilities and the heatmap:
 - ours: animalcam.gradcam.GradCam, one compiled forward + backward pass per batch that
-  returns both (built and compiled once, XLA as explain.xla's default decides for this
+  returns both (built and compiled once, XLA as speed.explain_xla's default decides for this
   machine, as the explain stage does; that one-off cost is printed);
 - baseline: keras.io's procedure (examples/vision/grad_cam.py), one image at a time as
   the study did: ``preds = model.predict(img_array)`` to get the prediction, then
@@ -63,15 +63,15 @@ def main() -> None:
 
     import keras
 
-    from animalcam import explanation, gradcam, modeling
-    from animalcam.params import ExplainParams
+    from animalcam import examples, gradcam, modeling
+    from animalcam.params import SpeedParams
 
     print(describe_machine())
     paths, _, classes = class_folder_images(args.data, args.images)
     keras.utils.set_random_seed(0)
     model = modeling.build_model("vgg16", classes, image_size=SIZE, weights=str(args.weights))
-    _, images = explanation.load_images(paths, (SIZE, SIZE))
-    xla, step = gradcam.use_xla(ExplainParams().xla), args.batch_size
+    _, images = examples.load_images(paths, (SIZE, SIZE))
+    xla, step = gradcam.use_xla(SpeedParams().explain_xla), args.batch_size
     print(
         f"setup: {len(images)} images from {args.data}, VGG16 flat model ({model.count_params():,}"
         f" parameters, backbone {args.weights.name}), {SIZE} px, layer {LAYER}, predicted "

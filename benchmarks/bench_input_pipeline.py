@@ -1,9 +1,9 @@
 """Input pipeline throughput: training images/second at 224 px with the study's augmentations.
 
 Measured, on the same images, in one run:
-- ours from the cache: animalcam.image_cache (decoded + resized once by the cache stage;
+- ours from the cache: animalcam.image_cache (decoded + resized once by the images stage;
   the one-off build time is printed too) -> shuffle -> Keras augmentation layers, tf.data;
-- ours from the files: animalcam.dataset.training_batches (decode + resize every epoch);
+- ours from the files: animalcam.dataset.FileExamples (decode + resize every epoch);
 - baseline: the study's Keras ImageDataGenerator.flow_from_directory. Keras 3 removed
   ImageDataGenerator and tf_keras is not installed here, so the baseline is its exact
   per-image Python code path re-implemented below (PIL load_img with nearest resize,
@@ -96,8 +96,10 @@ def main() -> None:
     args = parser.parse_args()  # --weights is accepted for uniformity; not needed here
 
     from animalcam import dataset, image_cache
+    from animalcam.augmentation import augmentation
+    from animalcam.batches import BatchSettings, epoch_batches
     from animalcam.outputs import write_csv
-    from animalcam.params import AugmentParams, CacheParams
+    from animalcam.params import AugmentParams, ImagesParams
 
     print(describe_machine())
     paths, labels, classes = class_folder_images(args.data, args.limit)
@@ -107,7 +109,7 @@ def main() -> None:
         f"augmentations rotation 20 deg, shift 0.2, shear 0.2, zoom 0.2, horizontal flip; "
         f"1 warm-up + {args.epochs} timed epochs per pipeline"
     )
-    augment = dataset.augmentation(AugmentParams(), seed=1)
+    augment = augmentation(AugmentParams(), seed=1)
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared"
@@ -117,7 +119,7 @@ def main() -> None:
         (prepared / "classes.json").write_text(__import__("json").dumps(classes))
         started = time.perf_counter()
         counts = image_cache.build_cache(
-            prepared, Path(tmp) / "cache", image_size=SIZE, params=CacheParams()
+            prepared, Path(tmp) / "cache", image_size=SIZE, params=ImagesParams()
         )
         build_s = time.perf_counter() - started
         manifest = dataset.read_manifest(prepared / "train.csv", classes)
@@ -127,32 +129,27 @@ def main() -> None:
             f"{counts['bytes'] / n / 1024:.1f} KB per image (JPEG q95)"
         )
         image_cache.build_cache(
-            prepared, Path(tmp) / "raw", image_size=SIZE, params=CacheParams(encoding="raw")
+            prepared, Path(tmp) / "raw", image_size=SIZE, params=ImagesParams(encoding="raw")
         )
         raw_split = image_cache.open_split(Path(tmp) / "raw", "train", manifest, SIZE)
 
         def cached_epoch(e, split=split):
-            return image_cache.cached_training_batches(
-                split,
-                batch_size=BATCH,
-                num_classes=len(classes),
-                seed=0,
+            return epoch_batches(
+                image_cache.CachedExamples(split),
+                BatchSettings(BATCH, seed=0, shuffle_buffer=2048),
                 first_epoch=e,
                 end_epoch=e + 1,
-                shuffle_buffer=2048,
+                num_classes=len(classes),
                 augment=augment,
             )
 
         def files_epoch(e):
-            return dataset.training_batches(
-                paths,
-                labels,
-                image_size=SIZE,
-                batch_size=BATCH,
-                num_classes=len(classes),
-                seed=0,
+            return epoch_batches(
+                dataset.FileExamples(paths, labels, SIZE),
+                BatchSettings(BATCH, seed=0),
                 first_epoch=e,
                 end_epoch=e + 1,
+                num_classes=len(classes),
                 augment=augment,
             )
 

@@ -2,7 +2,7 @@
 set, our recommended CPU recipe against the reference study's recipe, in one run.
 
 - ours: frozen VGG16 backbone, head trained on cached backbone features
-  (train.trainable: head, feature_cache: auto, feature_copies 1: one backbone pass per
+  (train.trainable: head, backbone_features: auto, feature_copies 1: one backbone pass per
   image in all), Caffe preprocessing, learning rate 1e-3, --epochs epochs (early stopping
   on), images from the cache;
 - baseline: the study's recipe: all layers trainable from epoch 1, 1/255 rescale,
@@ -99,9 +99,9 @@ def main() -> None:
         "trainable": "head",
         "learning_rate": 1e-3,
         "preprocessing": "backbone",
-        "feature_cache": "auto",
+        "backbone_features": "auto",
         "feature_copies": 1,
-        "input": "cache",
+        "input": "images",
         "epochs": args.epochs,
         "image_size": args.size,
     }
@@ -109,7 +109,7 @@ def main() -> None:
         "trainable": "all",
         "learning_rate": 1e-4,
         "preprocessing": "rescale",
-        "feature_cache": "off",
+        "backbone_features": "off",
         "input": "files",
         "epochs": args.baseline_epochs,
         "image_size": args.size,

@@ -3,7 +3,7 @@
 The class folders under --data are split 85/15 per class, and the manifests list every
 image once (1x) or four times (4x) in both splits, so the 4x run reads four times as
 many images through the same code. For each, in a throwaway working directory,
-``stages/cache.py`` builds the image cache (not measured) and then ``stages/train.py``
+``stages/images.py`` builds data/images (not measured) and then ``stages/train.py``
 runs as a child process whose resident memory (RSS, its whole process tree) is polled
 every 0.1 s; the peak is reported. Recipe: our recommended one (frozen VGG16 backbone
 from --weights, head on cached features, feature_copies 1, 2 epochs, images from the
@@ -83,9 +83,9 @@ def main() -> None:
             "trainable": "head",
             "learning_rate": 1e-3,
             "epochs": 2,
-            "feature_cache": "auto",
+            "backbone_features": "auto",
             "feature_copies": 1,
-            "input": "cache",
+            "input": "images",
         }
     }
     print(f"setup: {args.data}, train params {json.dumps(params['train'])}")
@@ -97,7 +97,7 @@ def main() -> None:
             (root / "params.yaml").write_text(yaml.safe_dump(params))
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
             subprocess.run(
-                [sys.executable, str(REPO / "stages/cache.py")],
+                [sys.executable, str(REPO / "stages/images.py")],
                 cwd=root,
                 env=env,
                 check=True,

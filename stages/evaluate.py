@@ -10,20 +10,17 @@ METRICS = "metrics/evaluate.json"
 def main() -> None:
     # TensorFlow is started by run_stage first, with its start-up chatter captured.
     from animalcam import dataset, evaluation, image_cache, modeling
+    from animalcam.batches import BatchSettings, ordered_batches
 
     params = load_params()
-    with tracking.stage_run("evaluate", params, model_run_file="models/mlflow_run.json") as run:
+    with tracking.stage_run("evaluate", params, model_run_file=tracking.MODEL_RUN_FILE) as run:
         model = modeling.load_model("models/model.keras")
         names = modeling.class_names(model)
         val = dataset.read_manifest("data/prepared/val.csv", names)
-        # The cache stage's images when they fit the model (size, split), else the files.
-        batches = image_cache.cached_or_files(
-            "data/cache",
-            "val",
-            val,
-            image_size=modeling.image_size(model),
-            batch_size=params.evaluate.batch_size,
-        )
+        # The images stage's output when it fits the model (size, split), else the files.
+        examples = image_cache.image_examples("data/images", "val", val, modeling.image_size(model))
+        settings = BatchSettings(batch_size=params.speed.evaluate_batch_size)
+        batches = ordered_batches(examples, settings, labels=False)
         probabilities = evaluation.predict_probabilities(model, batches)
         metrics = evaluation.write_evaluation(
             val.paths, val.labels, probabilities, names, params.evaluate, "plots/evaluate"

@@ -12,7 +12,7 @@ def main() -> None:
     from animalcam import explanation, modeling
 
     params = load_params()
-    with tracking.stage_run("explain", params, model_run_file="models/mlflow_run.json") as run:
+    with tracking.stage_run("explain", params, model_run_file=tracking.MODEL_RUN_FILE) as run:
         model = modeling.load_model("models/model.keras")
         rows = outputs.read_csv("plots/evaluate/predictions.csv")
         metrics = explanation.explain_predictions(
@@ -22,6 +22,7 @@ def main() -> None:
             params.explain,
             "plots/gradcam",
             seed=params.explain.seed,
+            speed=params.speed,
         )
         outputs.write_json(METRICS, metrics)
         run.log_metrics(tracking.numeric_metrics(metrics))

@@ -7,7 +7,7 @@ from animalcam.params import load_params
 from animalcam.stage import run_stage
 
 PREPARED = Path("data/prepared")
-CACHE = Path("data/cache")  # the cache stage's output, read when train.input is "cache"
+IMAGES = Path("data/images")  # the images stage's output, read when train.input is "images"
 MODEL = "models/model.keras"
 METRICS = "metrics/train.json"
 HISTORY = "plots/train/history.csv"
@@ -18,6 +18,7 @@ STATE_DIR = Path(".train_state")
 
 def main() -> None:
     # TensorFlow is started by run_stage first, with its start-up chatter captured.
+    from animalcam import model_registry
     from animalcam.dataset import read_classes, read_manifest
     from animalcam.modeling import save_model
     from animalcam.resume import clear_state
@@ -35,7 +36,8 @@ def main() -> None:
             val_set,
             state_dir=STATE_DIR,
             callbacks=[run.keras_callback()],
-            cache_dir=CACHE,
+            cache_dir=IMAGES,
+            speed=params.speed,
         )
         run.log_history(result.history)  # epochs trained before a resume, if any
         save_model(result.model, MODEL)
@@ -46,13 +48,14 @@ def main() -> None:
         run.log_artifact(HISTORY)
         run.log_artifact(METRICS)
         val_accuracy = result.metrics["best_val_accuracy"]
-        run.log_model(
+        model = model_registry.log_trained_model(
+            run,
             MODEL,
             params.mlflow.registered_model,
             val_accuracy=val_accuracy,
             example_image=val_set.paths[0],
         )
-        run.record_model_run("models/mlflow_run.json")
+        run.record_model_run(tracking.MODEL_RUN_FILE, model)
         run.set_headline({"val_accuracy": val_accuracy})
     clear_state(STATE_DIR)  # only now: a crash above resumes instead of retraining
 

@@ -8,6 +8,7 @@ resized or recompressed copy stays a near-duplicate, as with real photos.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import zlib
 from pathlib import Path
@@ -96,6 +97,29 @@ def class_tree(tmp_path: Path) -> Path:
     root = tmp_path / "raw"
     make_class_tree(root)
     return root
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A fresh 'repository root' as the current directory; sources live beside it."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang, if the code under test blocks (opening a FIFO would)."""
+
+    def alarm(*args):
+        raise TimeoutError("blocked: something opened a FIFO or device")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

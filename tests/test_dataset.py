@@ -1,9 +1,11 @@
-"""Input pipeline: manifests, decoding, order, shuffling per epoch, augmentation."""
+"""Input pipeline: manifests, decoding, the batch builder over image files (order,
+shuffling per epoch, labels), augmentation."""
 
 from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +13,11 @@ import tiny_data
 from PIL import Image
 
 from animalcam import dataset
+from animalcam.augmentation import augmentation
+from animalcam.batches import BatchSettings, epoch_batches, ordered_batches, steps_per_epoch
+from animalcam.dataset import FileExamples
 from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.layers import warp_affine
 from animalcam.params import AugmentParams
 
 
@@ -24,6 +30,12 @@ def grey_images(folder, n: int, size: int = 8) -> list[str]:
         Image.new("RGB", (size, size), (10 * i,) * 3).save(path)
         paths.append(str(path))
     return paths
+
+
+def in_order(paths, *, batch_size, image_size=8, augment=None):
+    """One pass over image files without labels, as evaluate and the feature pass read."""
+    examples = FileExamples(paths, None, image_size)
+    return ordered_batches(examples, BatchSettings(batch_size), labels=False, augment=augment)
 
 
 def order_of(batches) -> list[int]:
@@ -96,7 +108,7 @@ def test_load_image_gives_float_rgb_at_the_requested_size(tmp_path, name, mode):
 def test_inference_dataset_keeps_manifest_order_and_batches(tmp_path):
     paths = grey_images(tmp_path, 7)
 
-    batches = list(dataset.image_dataset(paths, image_size=8, batch_size=3))
+    batches = list(in_order(paths, batch_size=3))
 
     assert [b.shape[0] for b in batches] == [3, 3, 1]
     assert order_of(batches) == list(range(7))
@@ -106,8 +118,12 @@ def test_labels_come_with_their_images_one_hot(tmp_path):
     paths = grey_images(tmp_path, 5)
     labels = [i % 3 for i in range(5)]
 
-    ds = dataset.image_dataset(
-        paths, labels, image_size=8, batch_size=5, num_classes=3, shuffle=True, seed=1
+    ds = epoch_batches(
+        FileExamples(paths, labels, 8),
+        BatchSettings(5, seed=1),
+        first_epoch=0,
+        end_epoch=1,
+        num_classes=3,
     )
     images, one_hot = next(iter(ds))
 
@@ -121,8 +137,10 @@ def test_shuffling_depends_on_seed_and_epoch_only(tmp_path):
     paths = grey_images(tmp_path, 12)
 
     def epoch_order(seed, epoch):
-        ds = dataset.image_dataset(
-            paths, image_size=8, batch_size=4, shuffle=True, seed=seed, epoch=epoch
+        examples = FileExamples(paths, [0] * 12, 8)
+        settings = BatchSettings(4, seed=seed)
+        ds = epoch_batches(
+            examples, settings, first_epoch=epoch, end_epoch=epoch + 1, num_classes=2
         )
         return order_of(ds)
 
@@ -131,20 +149,18 @@ def test_shuffling_depends_on_seed_and_epoch_only(tmp_path):
     assert epoch_order(7, 0) != epoch_order(8, 0)
     # The multi-epoch training stream is those same epochs back to back, so a run resumed
     # at epoch 1 sees what an uninterrupted run sees there.
-    stream = dataset.training_batches(
-        paths,
-        [0] * 12,
-        image_size=8,
-        batch_size=5,
-        num_classes=2,
-        seed=7,
+    stream = epoch_batches(
+        FileExamples(paths, [0] * 12, 8),
+        BatchSettings(5, seed=7),
         first_epoch=1,
         end_epoch=3,
+        num_classes=2,
     )
     batches = list(stream)
     assert [b[0].shape[0] for b in batches] == [5, 5, 2, 5, 5, 2]  # epochs never mix
     assert order_of(batches) == epoch_order(7, 1) + epoch_order(7, 2)
-    assert dataset.steps_per_epoch(12, 5) == 3
+    assert steps_per_epoch(12, 5) == 3
+    assert stream.cardinality().numpy() == 6  # Keras reads the length
 
 
 @pytest.mark.parametrize(
@@ -155,7 +171,7 @@ def test_shuffling_depends_on_seed_and_epoch_only(tmp_path):
     ],
 )
 def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training(fused, layers):
-    augment = dataset.augmentation(AugmentParams(fused=fused), seed=3)
+    augment = augmentation(AugmentParams(fused=fused), seed=3)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
 
@@ -166,7 +182,7 @@ def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training(fused, lay
     assert not np.allclose(trained, images)
     np.testing.assert_array_equal(inferred, images)
     assert [type(layer).__name__ for layer in augment.layers] == layers
-    flip_only = dataset.augmentation(
+    flip_only = augmentation(
         AugmentParams(rotation=0, translate=0, shear=0, zoom=0, horizontal_flip=True, fused=fused),
         seed=3,
     )
@@ -176,7 +192,7 @@ def test_augmentation_keeps_shape_and_dtype_and_only_acts_in_training(fused, lay
     off = AugmentParams(
         rotation=0, translate=0, shear=0, zoom=0, horizontal_flip=False, fused=fused
     )
-    assert dataset.augmentation(off, seed=3) is None
+    assert augmentation(off, seed=3) is None
 
 
 def test_fused_warp_matches_tensorflows_projective_transform():
@@ -206,7 +222,7 @@ def test_fused_warp_matches_tensorflows_projective_transform():
         interpolation="BILINEAR",
         fill_mode="NEAREST",
     ).numpy()
-    warped = dataset.warp_affine(images, matrices)
+    warped = warp_affine(images, matrices)
     assert warped.shape == images.shape and warped.dtype == np.float32
     np.testing.assert_allclose(warped, expected, atol=1e-3)
     assert not np.allclose(warped, images)
@@ -215,12 +231,10 @@ def test_fused_warp_matches_tensorflows_projective_transform():
 def test_augmentation_in_the_pipeline_changes_training_batches_only(tmp_path):
     paths = tiny_data.write_images(tmp_path, "train", per_class=2)
     paths = [str(tmp_path / rel) for rel, _ in paths]
-    augment = dataset.augmentation(AugmentParams(rotation=30, translate=0.2), seed=1)
+    augment = augmentation(AugmentParams(rotation=30, translate=0.2), seed=1)
 
-    plain = next(iter(dataset.image_dataset(paths, image_size=32, batch_size=6)))
-    augmented = next(
-        iter(dataset.image_dataset(paths, image_size=32, batch_size=6, augment=augment))
-    )
+    plain = next(iter(in_order(paths, batch_size=6, image_size=32)))
+    augmented = next(iter(in_order(paths, batch_size=6, image_size=32, augment=augment)))
 
     assert augmented.shape == plain.shape == (6, 32, 32, 3)
     assert augmented.dtype == plain.dtype == "float32"
@@ -229,13 +243,37 @@ def test_augmentation_in_the_pipeline_changes_training_batches_only(tmp_path):
 
 def test_empty_or_mismatched_inputs_are_data_errors():
     with pytest.raises(DataError, match="empty"):
-        dataset.image_dataset([], image_size=8, batch_size=2)
+        FileExamples([], None, 8)
     with pytest.raises(DataError, match="2 paths but 1 labels"):
-        dataset.image_dataset(["a.png", "b.png"], [0], image_size=8, batch_size=2)
+        FileExamples(["a.png", "b.png"], [0], 8)
 
 
-def test_autotune_switch_sets_the_pipeline_options():
-    ds = tf.data.Dataset.range(3)
-    assert dataset.with_autotune(ds, False).options().autotune.enabled is False
-    assert dataset.with_autotune(ds, True).options().autotune.enabled is True
-    assert list(dataset.with_autotune(ds, False).as_numpy_iterator()) == [0, 1, 2]
+def test_autotune_switch_sets_the_pipeline_options(tmp_path):
+    examples = FileExamples(grey_images(tmp_path, 3), None, 8)
+    for enabled in (False, True):
+        ds = ordered_batches(examples, BatchSettings(2, autotune=enabled), labels=False)
+        assert ds.options().autotune.enabled is enabled
+        assert order_of(ds) == [0, 1, 2]
+
+
+def test_a_resumed_run_sees_the_augmented_batches_an_uninterrupted_run_sees(tmp_path):
+    """Augmentation draws are seeded per epoch: epoch 2 is the same pixels whether the
+    stream started at epoch 0 or (resumed) at epoch 2."""
+    rows = tiny_data.write_images(tmp_path, "train", per_class=2)
+    paths = [str(tmp_path / rel) for rel, _ in rows]
+    settings = BatchSettings(4, seed=5)
+
+    def stream(first):
+        keras.utils.set_random_seed(5)  # as train_model does before building its inputs
+        augment = augmentation(AugmentParams(rotation=30, translate=0.2), seed=1)
+        examples = FileExamples(paths, [0] * len(paths), 32)
+        batches = epoch_batches(
+            examples, settings, first_epoch=first, end_epoch=3, num_classes=2, augment=augment
+        )
+        return [x.numpy() for x, _ in batches]
+
+    uninterrupted, resumed = stream(0), stream(2)
+    per_epoch = steps_per_epoch(len(paths), 4)
+    assert len(resumed) == per_epoch
+    for a, b in zip(uninterrupted[-per_epoch:], resumed, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -44,15 +43,6 @@ from animalcam.errors import (
     UnsafeArchiveError,
 )
 from animalcam.params import DataParams
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A fresh 'repository root' as the current directory; sources live beside it."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    monkeypatch.chdir(root)
-    return root
 
 
 def nothing_left(work: Path) -> bool:
@@ -645,20 +635,6 @@ def test_truncated_archive_is_a_data_error(work, tmp_path):
 
 
 # ---------------------------------------------------------------- sources that are no file
-
-
-@pytest.fixture
-def no_hang():
-    """Fail, rather than hang, if the code under test blocks (opening a FIFO would)."""
-
-    def alarm(*args):
-        raise TimeoutError("blocked: something opened a FIFO or device")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def special_sources(tmp_path: Path) -> dict[str, Path]:

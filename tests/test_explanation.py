@@ -1,73 +1,31 @@
-"""The explain stage's library: example selection, panels and grids as PNG files of the
-expected size, the faithfulness check, and the whole stage on a tiny model."""
+"""The explain stage's parts: Grad-CAM per example, panels and grids as PNG files of the
+expected size, the faithfulness check, and the whole stage on a tiny model (example
+selection is in test_examples.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import random
 
 import keras
 import numpy as np
 import pytest
 from PIL import Image
+from test_examples import CLASSES, PREDICTIONS, row
 
-from animalcam.explanation import (
+from animalcam.explanation import explain_predictions
+from animalcam.faithfulness import blur_where, faithfulness, top_fraction_mask
+from animalcam.figures import CELL_PX, TITLE_PX
+from animalcam.gradcam_examples import Explanation, explain_examples
+from animalcam.gradcam_panels import (
     PANEL_HEADING_PX,
     PANEL_TITLE_PX,
-    Explanation,
-    blur_where,
-    explain_examples,
-    explain_predictions,
-    faithfulness,
     grid_png,
     panel_cell_size,
     panel_png,
-    select_examples,
-    top_fraction_mask,
 )
-from animalcam.figures import CELL_PX, TITLE_PX
 from animalcam.layers import ClassProbabilities, Preprocess
 from animalcam.params import params_from_dict
-
-CLASSES = ["cat", "dog", "horse"]
-
-
-def row(path, actual, predicted, confidence):
-    return {"path": path, "actual": actual, "predicted": predicted, "confidence": confidence}
-
-
-PREDICTIONS = [
-    row("c1.jpg", "cat", "cat", "0.99"),
-    row("c2.jpg", "cat", "cat", "0.95"),
-    row("c3.jpg", "cat", "cat", "0.95"),  # tie with c2: path order
-    row("d1.jpg", "dog", "dog", "0.70"),
-    row("d2.jpg", "dog", "dog", "0.90"),
-    row("h1.jpg", "horse", "horse", "0.60"),
-    row("x1.jpg", "dog", "cat", "0.80"),
-    row("x2.jpg", "cat", "horse", "0.97"),
-    row("x3.jpg", "horse", "dog", "0.80"),  # tie with x1: path order
-    row("x4.jpg", "horse", "cat", "0.40"),
-]
-
-
-def test_selection_rule():
-    correct, incorrect = select_examples(PREDICTIONS, 5, 3, CLASSES)
-    # Most confident mistakes first, ties by path.
-    assert [r["path"] for r in incorrect] == ["x2.jpg", "x1.jpg", "x3.jpg"]
-    # Round-robin over classes in class order, each class by confidence then path.
-    assert [r["path"] for r in correct] == ["c1.jpg", "d2.jpg", "h1.jpg", "c2.jpg", "d1.jpg"]
-    assert correct[0]["confidence"] == 0.99  # parsed from the CSV's text
-
-
-def test_selection_is_deterministic_and_bounded():
-    expected = select_examples(PREDICTIONS, 4, 2, CLASSES)
-    shuffled = PREDICTIONS.copy()
-    random.Random(1).shuffle(shuffled)
-    assert select_examples(shuffled, 4, 2, CLASSES) == expected
-    correct, incorrect = select_examples(PREDICTIONS, 100, 100)
-    assert len(correct) == 6 and len(incorrect) == 4  # as many as there are
-    assert select_examples(PREDICTIONS, 0, 0) == ([], [])
 
 
 def png_size(path_or_bytes) -> tuple[int, int]:
@@ -216,10 +174,12 @@ def test_explain_stage_writes_panels_grids_and_metrics(tmp_path):
         Image.fromarray(pixels).save(path)
         rows.append({**r, "path": str(path)})
     params = params_from_dict(
-        {"explain": {"n_correct": 3, "n_incorrect": 2, "batch_size": 2}}
-    ).explain
+        {"explain": {"n_correct": 3, "n_incorrect": 2}, "speed": {"explain_batch_size": 2}}
+    )
     out = tmp_path / "plots" / "gradcam"
-    metrics = explain_predictions(tiny_model(), rows, CLASSES, params, out)
+    metrics = explain_predictions(
+        tiny_model(), rows, CLASSES, params.explain, out, speed=params.speed
+    )
 
     assert metrics["layer"] == "block1_conv1"
     assert metrics["n_correct"] == 3 and metrics["n_incorrect"] == 2

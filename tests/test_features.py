@@ -9,7 +9,9 @@ import tensorflow as tf
 import tiny_data
 
 from animalcam import dataset, features, modeling, training
-from animalcam.params import params_from_dict
+from animalcam.batches import BatchSettings, epoch_batches, ordered_batches, permutation
+from animalcam.dataset import FileExamples
+from animalcam.params import SpeedParams, params_from_dict
 
 NO_AUGMENT = {"rotation": 0.0, "translate": 0.0, "shear": 0.0, "zoom": 0.0}
 TINY = {
@@ -33,24 +35,28 @@ def splits(root):
     return classes, train, val
 
 
-def train(tmp_path, name, **overrides):
+def train(tmp_path, name, head_xla=True, **overrides):
     classes, train_set, val_set = splits(tmp_path)
     params = params_from_dict({"train": {**TINY, **overrides}}).train
     result = training.train_model(
-        params, classes, train_set, val_set, state_dir=tmp_path / f"state-{name}"
+        params,
+        classes,
+        train_set,
+        val_set,
+        state_dir=tmp_path / f"state-{name}",
+        speed=SpeedParams(head_xla=head_xla),
     )
-    images = np.concatenate(
-        [b.numpy() for b in dataset.image_dataset(val_set.paths, image_size=32, batch_size=8)]
-    )
+    batches = ordered_batches(FileExamples.of(val_set, 32), BatchSettings(8), labels=False)
+    images = np.concatenate([b.numpy() for b in batches])
     return result, images
 
 
 def test_fast_path_trains_the_head_as_the_whole_model_would(tmp_path):
-    slow, images = train(tmp_path, "slow", feature_cache="off")
-    fast, _ = train(tmp_path, "fast", feature_cache="auto", head_xla=False)
+    slow, images = train(tmp_path, "slow", backbone_features="off")
+    fast, _ = train(tmp_path, "fast", backbone_features="auto", head_xla=False)
 
-    assert slow.metrics["feature_cache_phases"] == ""  # the switch turns the path off
-    assert fast.metrics["feature_cache_phases"] == "main"
+    assert slow.metrics["backbone_features_phases"] == ""  # the switch turns the path off
+    assert fast.metrics["backbone_features_phases"] == "main"
     for a, b in zip(slow.history, fast.history, strict=True):
         for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
@@ -60,9 +66,9 @@ def test_fast_path_trains_the_head_as_the_whole_model_would(tmp_path):
 
 
 def test_fast_path_saves_the_whole_model_with_the_trained_head(tmp_path):
-    result, images = train(tmp_path, "fast", feature_cache="auto", feature_copies=2)
+    result, images = train(tmp_path, "fast", backbone_features="auto", feature_copies=2)
     model = result.model
-    assert result.metrics["feature_cache_phases"] == "main"
+    assert result.metrics["backbone_features_phases"] == "main"
     assert result.metrics["feature_seconds"] > 0
     path = tmp_path / "model.keras"
     modeling.save_model(model, path)
@@ -95,18 +101,18 @@ def test_head_model_shares_the_full_models_head_weights():
 def test_feature_batches_follow_the_file_pipelines_order():
     feats = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
     labels = np.array([0, 1, 2, 0, 1, 2])
+    examples = features.FeatureExamples(feats, labels)
     batches = list(
-        features.feature_batches(
-            feats, labels, num_classes=3, batch_size=4, seed=3, first_epoch=0, end_epoch=2
-        )
+        epoch_batches(examples, BatchSettings(4, seed=3), first_epoch=0, end_epoch=2, num_classes=3)
     )
     assert [len(x) for x, _ in batches] == [4, 2, 4, 2]
     epoch0 = np.concatenate([x.numpy()[:, 0] for x, _ in batches[:2]])
     epoch1 = np.concatenate([x.numpy()[:, 0] for x, _ in batches[2:]])
     assert sorted(epoch0) == list(range(6))  # copy 0
     assert sorted(epoch1) == list(range(6, 12))  # copy 1
-    # The permutation animalcam.dataset.training_batches draws for (seed 3, epoch 0).
+    # The permutation the image files follow for (seed 3, epoch 0).
     order = tf.random.experimental.stateless_shuffle(
         tf.range(6, dtype=tf.int64), seed=tf.constant([3, 0], tf.int64)
     )
     assert epoch0.astype(int).tolist() == order.numpy().tolist()
+    assert permutation(6, 3, 0).numpy().tolist() == order.numpy().tolist()

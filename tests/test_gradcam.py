@@ -10,16 +10,9 @@ import pytest
 import tensorflow as tf
 
 from animalcam.errors import ModelError
-from animalcam.gradcam import (
-    PREDICTED,
-    GradCam,
-    colorize_heatmap,
-    find_target_layer,
-    gradcam_heatmaps,
-    gradcam_model,
-    overlay_heatmap,
-    resize_heatmaps,
-)
+from animalcam.gradcam import PREDICTED, ChannelWeightedCam, GradCam, gradcam_heatmaps
+from animalcam.gradcam_target import find_target_layer, gradcam_model
+from animalcam.heatmaps import colorize_heatmap, overlay_heatmap, resize_heatmaps
 from animalcam.layers import ClassProbabilities, Preprocess
 
 SIZE = 32
@@ -149,6 +142,30 @@ def test_scores_are_taken_before_the_softmax(study, images):
     assert not np.allclose(scores, probabilities)  # logits, not probabilities
     _, returned = GradCam(study)(images)
     np.testing.assert_allclose(returned, probabilities, atol=1e-5)
+
+
+class FeatureSumCam(ChannelWeightedCam):
+    """Every channel weighs 1: the base's shared work around the simplest weights."""
+
+    def channel_weights(self, features, grads):
+        return tf.ones_like(grads[:, 0, 0, :])
+
+
+def test_a_method_defines_only_its_channel_weights(study, images):
+    features, _ = gradcam_model(study)(images)
+    summed = np.maximum(np.asarray(features).sum(axis=-1), 0.0)
+    assert (summed.max(axis=(1, 2)) > 0).all()
+    expected = summed / summed.max(axis=(1, 2), keepdims=True)
+
+    heatmaps, probabilities = FeatureSumCam(study)(images, [0, 1, 2, 0, 1])
+
+    # The base did the rest: ReLU of the weighted sum, per-image scaling, probabilities.
+    np.testing.assert_allclose(heatmaps, expected, atol=1e-5)
+    assert heatmaps.shape == (5, SIZE // 2, SIZE // 2)
+    np.testing.assert_allclose(probabilities, study.predict(images, verbose=0), atol=1e-5)
+    assert not np.allclose(heatmaps, GradCam(study)(images, [0, 1, 2, 0, 1])[0])
+    with pytest.raises(NotImplementedError, match="ChannelWeightedCam must define"):
+        ChannelWeightedCam(study)(images)
 
 
 def test_several_targets_per_image_share_one_forward_pass(study, images):

@@ -9,8 +9,11 @@ import pytest
 import tiny_data
 
 from animalcam import dataset, image_cache
+from animalcam.batches import BatchSettings, epoch_batches, ordered_batches, steps_per_epoch
+from animalcam.dataset import FileExamples
 from animalcam.errors import DataError, SourceNotFoundError
-from animalcam.params import CacheParams
+from animalcam.image_cache import CachedExamples
+from animalcam.params import ImagesParams
 
 
 @pytest.fixture
@@ -24,7 +27,13 @@ def prepared(tmp_path):
 
 def direct(manifest, size):
     """What the on-the-fly pipeline feeds the model: decode + resize, float32."""
-    batches = dataset.image_dataset(manifest.paths, image_size=size, batch_size=4)
+    batches = ordered_batches(FileExamples.of(manifest, size), BatchSettings(4), labels=False)
+    return np.concatenate([b.numpy() for b in batches])
+
+
+def images_of(examples):
+    """Every image of ``examples`` in order, as the evaluate stage batches them."""
+    batches = ordered_batches(examples, BatchSettings(4), labels=False)
     return np.concatenate([b.numpy() for b in batches])
 
 
@@ -35,7 +44,7 @@ def test_round_trip_gives_the_decoded_resized_pixels(prepared, encoding, max_mea
         folder,
         root / "cache",
         image_size=24,
-        params=CacheParams(encoding=encoding, shard_images=4),
+        params=ImagesParams(encoding=encoding, shard_images=4),
         root=root,
     )
     assert counts["images"] == len(train) + len(val)
@@ -43,7 +52,8 @@ def test_round_trip_gives_the_decoded_resized_pixels(prepared, encoding, max_mea
     assert index["splits"]["train"]["shards"] == [f"train-0000{i}.tfrecord" for i in range(3)]
 
     split = image_cache.open_split(root / "cache", "train", train, 24)
-    images, labels = zip(*image_cache.cached_dataset(split, batch_size=4), strict=True)
+    batches = ordered_batches(CachedExamples(split), BatchSettings(4))
+    images, labels = zip(*batches, strict=True)
     images = np.concatenate([b.numpy() for b in images])
     labels = np.concatenate([b.numpy() for b in labels])
     assert images.shape == (9, 24, 24, 3) and images.dtype == np.float32
@@ -58,24 +68,22 @@ def test_round_trip_gives_the_decoded_resized_pixels(prepared, encoding, max_mea
 def test_training_batches_cover_every_image_once_per_epoch(prepared):
     root, folder, train, _ = prepared
     image_cache.build_cache(
-        folder, root / "cache", image_size=16, params=CacheParams(shard_images=2), root=root
+        folder, root / "cache", image_size=16, params=ImagesParams(shard_images=2), root=root
     )
     split = image_cache.open_split(root / "cache", "train", train, 16)
 
     def epoch_labels(first, end):
-        batches = image_cache.cached_training_batches(
-            split,
-            batch_size=4,
-            num_classes=3,
-            seed=7,
+        batches = epoch_batches(
+            CachedExamples(split),
+            BatchSettings(4, seed=7, shuffle_buffer=64),
             first_epoch=first,
             end_epoch=end,
-            shuffle_buffer=64,
+            num_classes=3,
         )
         return [y.numpy().argmax(axis=1).tolist() for _, y in batches]
 
     two_epochs = epoch_labels(0, 2)
-    assert len(two_epochs) == 2 * dataset.steps_per_epoch(len(train), 4)
+    assert len(two_epochs) == 2 * steps_per_epoch(len(train), 4)
     first = [label for batch in two_epochs[:3] for label in batch]
     assert sorted(first) == sorted(train.labels)
     # Epoch 1 alone (a resumed run) sees what the uninterrupted run saw in epoch 1.
@@ -84,9 +92,9 @@ def test_training_batches_cover_every_image_once_per_epoch(prepared):
 
 def test_stale_or_missing_cache_says_how_to_rebuild(prepared):
     root, folder, train, _ = prepared
-    with pytest.raises(SourceNotFoundError, match="dvc repro -f cache"):
+    with pytest.raises(SourceNotFoundError, match="dvc repro -f images"):
         image_cache.open_split(root / "cache", "train", train, 16)
-    image_cache.build_cache(folder, root / "cache", image_size=16, params=CacheParams(), root=root)
+    image_cache.build_cache(folder, root / "cache", image_size=16, params=ImagesParams(), root=root)
     with pytest.raises(DataError, match="holds 16 px images but 32 px"):
         image_cache.open_split(root / "cache", "train", train, 32)
     fewer = dataset.Manifest(train.paths[1:], train.labels[1:], train.sizes[1:])
@@ -96,19 +104,15 @@ def test_stale_or_missing_cache_says_how_to_rebuild(prepared):
 
 def test_inference_reads_the_cache_when_it_fits_else_the_files(prepared):
     root, folder, _, val = prepared
-    from_files = np.concatenate(
-        [
-            b.numpy()
-            for b in image_cache.cached_or_files(
-                root / "cache", "val", val, image_size=16, batch_size=4
-            )
-        ]
-    )
+    files = image_cache.image_examples(root / "cache", "val", val, 16)
+    assert isinstance(files, FileExamples)
+    from_files = images_of(files)
     image_cache.build_cache(
-        folder, root / "cache", image_size=16, params=CacheParams(encoding="raw"), root=root
+        folder, root / "cache", image_size=16, params=ImagesParams(encoding="raw"), root=root
     )
-    batches = image_cache.cached_or_files(root / "cache", "val", val, image_size=16, batch_size=4)
-    from_cache = np.concatenate([b.numpy() for b in batches])
+    cached = image_cache.image_examples(root / "cache", "val", val, 16)
+    assert isinstance(cached, CachedExamples)
+    from_cache = images_of(cached)
     assert from_cache.shape == from_files.shape == (6, 16, 16, 3)
     assert np.array_equal(from_cache, from_files)  # the same reader, stored losslessly
 
@@ -134,25 +138,21 @@ def test_inference_reads_the_cache_when_it_fits_else_the_files(prepared):
 )
 def test_a_corrupt_cache_is_one_line_that_says_how_to_rebuild(prepared, damage):
     root, folder, train, _ = prepared
-    image_cache.build_cache(folder, root / "cache", image_size=16, params=CacheParams(), root=root)
+    image_cache.build_cache(folder, root / "cache", image_size=16, params=ImagesParams(), root=root)
     damage(root / "cache" / "index.json")
     with pytest.raises(DataError) as error:
         image_cache.open_split(root / "cache", "train", train, 16)
     message = str(error.value)
-    assert "\n" not in message and "dvc repro -f cache" in message
+    assert "\n" not in message and "dvc repro -f images" in message
 
 
 def test_every_encoding_round_trips_what_the_reader_gives(prepared):
     root, folder, _, val = prepared
-    from_files = np.concatenate(
-        [b.numpy() for b in dataset.image_dataset(val.paths, image_size=16, batch_size=4)]
-    )
+    from_files = direct(val, 16)
     for encoding, tolerance in (("png", 0), ("raw", 0), ("jpeg", 8)):
         cache = root / f"cache-{encoding}"
-        params = CacheParams(encoding=encoding)
+        params = ImagesParams(encoding=encoding)
         image_cache.build_cache(folder, cache, image_size=16, params=params, root=root)
         split = image_cache.open_split(cache, "val", val, 16)
-        got = np.concatenate(
-            [b.numpy() for b in image_cache.cached_dataset(split, batch_size=4, labels=False)]
-        )
+        got = images_of(CachedExamples(split))
         assert np.abs(got - from_files).mean() <= tolerance, encoding

@@ -47,15 +47,15 @@ if mode == "tqdm":
 
     tqdm.tqdm.__iter__ = slowly
 elif mode == "epoch":
-    from animalcam import resume
+    from animalcam import resume_store
 
-    epoch_end = resume.ResumeCallback.on_epoch_end
+    epoch_end = resume_store.ResumeCallback.on_epoch_end
 
     def slowly(self, epoch, logs=None):
         epoch_end(self, epoch, logs)
         time.sleep(delay)
 
-    resume.ResumeCallback.on_epoch_end = slowly
+    resume_store.ResumeCallback.on_epoch_end = slowly
 sys.argv = [stage]
 runpy.run_path(stage, run_name="__main__")
 """

@@ -13,6 +13,7 @@ from animalcam import modeling
 from animalcam.backbones import BACKBONES
 from animalcam.classes import ANIMALS10
 from animalcam.errors import ModelError, ParamsError, SourceNotFoundError
+from animalcam.gradcam_target import find_target_layer
 
 TEN = sorted(ANIMALS10.values())  # the ten English class names
 VGG16_LAYERS = [
@@ -54,7 +55,7 @@ def test_vgg16_reference_model_has_the_studys_parameter_count_and_flat_layers():
     assert model.get_layer("logits").activation is keras.activations.linear
     assert modeling.class_names(model) == TEN
     assert modeling.image_size(model) == 224
-    assert modeling.gradcam_layer_name(model) == "block5_conv3"
+    assert find_target_layer(model) == ("block5_conv3",)
     # Any backbone layer is reachable from the model's own input (what Grad-CAM needs).
     probe = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
     features, probabilities = probe(np.zeros((1, 224, 224, 3), "float32"))
@@ -79,8 +80,9 @@ def test_every_registered_backbone_builds_with_its_registered_names(name):
     assert names[-4:] == ["pool", "dense", "logits", "predictions"]
     assert model.get_layer("preprocess").mode == spec.preprocessing
     assert modeling.backbone_of(model) == spec
-    target = modeling.gradcam_layer_name(model)
+    (target,) = find_target_layer(model)  # a top-level layer: the model is flat
     assert target in backbone
+    assert target == (spec.last_conv_layer or backbone[-1])  # else what feeds "pool"
     assert len(model.get_layer(target).output.shape) == 4
     for prefix in spec.blocks:
         assert any(layer.startswith(prefix) for layer in backbone), prefix
@@ -212,7 +214,7 @@ def test_saved_model_loads_back_with_its_classes_and_outputs(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not 0600
     assert modeling.class_names(loaded) == ["cat", "dog", "horse"]
     assert loaded.get_layer("preprocess").mode == "rescale"
-    assert modeling.gradcam_layer_name(loaded) == "block5_conv3"
+    assert find_target_layer(loaded) == ("block5_conv3",)
     np.testing.assert_allclose(
         loaded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5
     )

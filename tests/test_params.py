@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 
 from animalcam import environment
 from animalcam.errors import EnvironmentVariableError, ParamsError, SourceNotFoundError
-from animalcam.params import Params, Switch, as_dict, load_params, params_from_dict
+from animalcam.params import RENAMED, Params, Switch, as_dict, load_params, params_from_dict
 
 
 def test_repository_params_yaml_spells_out_every_default():
@@ -67,7 +67,10 @@ def test_missing_keys_take_defaults():
             r"train.epochs = 'ten' has the wrong type; expected an integer",
         ),
         ({"train": {"epochs": 2.5}}, r"train.epochs = 2.5 has the wrong type"),
-        ({"train": {"xla": 1}}, r"train.xla = 1 has the wrong type; expected true or false"),
+        (
+            {"speed": {"train_xla": 1}},
+            r"speed.train_xla = 1 has the wrong type; expected true or false",
+        ),
         ({"train": {"epochs": True}}, r"train.epochs = True has the wrong type"),
         (
             {"prepare": {"val_split": 0.7}},
@@ -93,6 +96,56 @@ def test_missing_keys_take_defaults():
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
     with pytest.raises(ParamsError, match=message):
         params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "line"),
+    [
+        (
+            {"train": {"autotune": False}},
+            "params.yaml: train.autotune was renamed to speed.autotune; move it to the speed "
+            "section (dvc exp run -S speed.autotune=...).",
+        ),
+        (
+            {"train": {"feature_cache": "off"}},
+            "params.yaml: train.feature_cache was renamed to train.backbone_features; move it "
+            "to the train section (dvc exp run -S train.backbone_features=...).",
+        ),
+        (
+            {"cache": {"encoding": "png"}},
+            "params.yaml: the section cache was renamed to images; rename it there.",
+        ),
+        (
+            {"train": {"input": "cache"}},
+            "params.yaml: train.input: cache was renamed to images; write train.input: images "
+            "instead.",
+        ),
+    ],
+)
+def test_a_renamed_key_is_one_line_naming_the_new_one(raw, line):
+    with pytest.raises(ParamsError) as caught:
+        params_from_dict(raw)
+    assert str(caught.value) == line
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_every_renamed_key_points_at_a_key_that_exists(old):
+    new = RENAMED[old]
+    *sections, name = new.split(".")
+    obj = Params()
+    for section in sections:
+        obj = getattr(obj, section)
+    assert hasattr(obj, name), new
+    with pytest.raises(ParamsError, match=f"{old} was renamed to {new}"):
+        params_from_dict(_nested(old, {} if "." not in old else True))
+
+
+def test_speed_switches_leave_every_stage_section_alone():
+    """What the resume state and the stages' params deps see does not move when a
+    speed switch does."""
+    fast = params_from_dict({"speed": {"train_xla": True, "evaluate_batch_size": 8}})
+    for section in ("train", "evaluate", "explain", "images"):
+        assert as_dict(getattr(fast, section)) == as_dict(getattr(Params(), section))
 
 
 def test_numbers_yaml_reads_as_strings_are_accepted():
@@ -145,9 +198,9 @@ OUT_OF_RANGE = {
     "prepare.max_pixels": [0, 10**10],
     "prepare.near_duplicate_distance": [-1, 17],
     "prepare.min_per_class": [1, 10**7],
-    "cache.encoding": ["gif"],
-    "cache.quality": [0, 101],
-    "cache.shard_images": [0, 10**6],
+    "images.encoding": ["gif"],
+    "images.quality": [0, 101],
+    "images.shard_images": [0, 10**6],
     "train.backbone": ["vgg19"],
     "train.weights": ["", "w\x00.h5", "w\n.h5"],
     "train.preprocessing": ["caffe"],
@@ -175,15 +228,10 @@ OUT_OF_RANGE = {
     "train.reduce_lr_patience": [0, 100_001],
     "train.min_lr": [-1e-9, 11],
     "train.mixed_precision": ["bf16"],
-    "train.xla": ["auto"],
     "train.input": ["disk"],
     "train.shuffle_buffer": [0, 1_000_001],
-    "train.feature_cache": ["on"],
+    "train.backbone_features": ["on"],
     "train.feature_copies": [0, 101],
-    "train.head_xla": ["true"],
-    "train.autotune": [0],
-    "train.prefetch_to_device": [None],
-    "evaluate.batch_size": [0, 65_537],
     "evaluate.top_k": [0, 1001],
     "evaluate.gallery_size": [0, 1001],
     "evaluate.calibration_bins": [0, 1001],
@@ -191,10 +239,15 @@ OUT_OF_RANGE = {
     "explain.n_incorrect": [-1, 10**30],
     "explain.layer": ["", "block5\x00", "x" * 257],
     "explain.alpha": [0, 1],
-    "explain.batch_size": [0, 65_537],
     "explain.faithfulness_fraction": [0, 1],
     "explain.seed": [-1, 2**31],
-    "explain.xla": ["gpu"],
+    "speed.autotune": [0],
+    "speed.prefetch_to_device": [None],
+    "speed.train_xla": ["auto"],
+    "speed.head_xla": ["true"],
+    "speed.evaluate_batch_size": [0, 65_537],
+    "speed.explain_batch_size": [0, 65_537],
+    "speed.explain_xla": ["gpu"],
     "mlflow.experiment": ["", "exp\x1b[31m", "x" * 257],
     "mlflow.registered_model": ["a/b", "a:b", ".", "..x", "\t"],
 }
@@ -459,7 +512,7 @@ def test_a_bad_debug_switch_is_an_error(monkeypatch):
 
 # --- Through a real stage: exit 2, one line, no traceback ---------------------------------
 
-STAGES = ("download", "prepare", "cache", "train", "evaluate", "explain")
+STAGES = ("download", "prepare", "images", "train", "evaluate", "explain")
 
 
 def run_stage_script(project, stage: str, params: bytes | None = None, **env: str):
@@ -568,10 +621,10 @@ def test_blank_and_valid_log_levels_let_the_stage_run(tmp_path, level, info_show
 @pytest.mark.parametrize(
     ("key", "written", "expected"),
     [
-        ("train.feature_cache", "off", "off"),
+        ("train.backbone_features", "off", "off"),
         ("train.mixed_precision", "off", "off"),
         ("train.mixed_precision", "on", "on"),
-        ("explain.xla", "on", "on"),
+        ("speed.explain_xla", "on", "on"),
     ],
 )
 def test_a_bare_on_or_off_as_dvc_exp_run_writes_it_is_the_word(tmp_path, key, written, expected):
@@ -590,7 +643,7 @@ def test_informational_variables_are_cleaned_for_tags(monkeypatch):
     assert environment.text_variable("DVC_EXP_NAME") is None
 
 
-@pytest.mark.parametrize("stage", ["cache", "train"])
+@pytest.mark.parametrize("stage", ["images", "train"])
 def test_tensorflow_start_up_lines_do_not_reach_the_user(tmp_path, stage):
     """TensorFlow's C++ start-up output (CUDA probes, oneDNN notices) is captured by
     run_stage: a stage that fails after starting TensorFlow prints only its one line."""

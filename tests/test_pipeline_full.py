@@ -24,9 +24,11 @@ TINY = {
         "learning_rate": 1e-3,
         "top_k": 2,
     },
-    "evaluate": {"batch_size": 8, "top_k": 2, "gallery_size": 4},
-    "explain": {"n_correct": 2, "n_incorrect": 2, "batch_size": 4},
+    "evaluate": {"top_k": 2, "gallery_size": 4},
+    "explain": {"n_correct": 2, "n_incorrect": 2},
+    "speed": {"evaluate_batch_size": 8, "explain_batch_size": 4},
 }
+STAGES = ("download", "prepare", "images", "train", "evaluate", "explain")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,10 @@ def pipeline(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_outputs(pipeline):
     project, result = pipeline
     root = project.root
-    for stage in ("download", "prepare", "cache", "train", "evaluate", "explain"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout
-    assert (root / "data/cache/index.json").is_file()
-    assert json.loads((root / "metrics/train.json").read_text())["input"] == "cache"
+    assert (root / "data/images/index.json").is_file()
+    assert json.loads((root / "metrics/train.json").read_text())["input"] == "images"
     assert (root / "models/model.keras").is_file()
     history = read_csv(root / "plots/train/history.csv")
     assert [r["epoch"] for r in history] == ["1", "2"]
@@ -101,7 +103,7 @@ def test_mlflow_holds_one_pipeline_run_with_a_child_per_stage(pipeline):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"download", "prepare", "cache", "train", "evaluate", "explain"}
+    assert set(children) == set(STAGES)
     assert parent.data.params["train.epochs"] == "2"
     assert "val_accuracy" in parent.data.metrics and "macro_f1" in parent.data.metrics
     history = client.get_metric_history(children["train"].info.run_id, "epoch/val_loss")
@@ -116,7 +118,29 @@ def test_an_experiment_reruns_only_what_it_touches(pipeline):
     project, _ = pipeline
     result = project.run("dvc", "exp", "run", "-S", "explain.alpha=0.6")
     assert "Running stage 'explain'" in result.stdout
-    for stage in ("prepare", "cache", "train", "evaluate"):
+    for stage in ("prepare", "images", "train", "evaluate"):
         assert f"Running stage '{stage}'" not in result.stdout
     diff = project.run("dvc", "params", "diff").stdout
     assert "explain.alpha" in diff and "0.6" in diff
+
+
+def test_a_speed_switch_reruns_nothing(pipeline):
+    project, _ = pipeline
+    path = project.root / "params.yaml"
+    before = path.read_text()
+    try:
+        project.set_params(
+            speed={
+                "train_xla": True,
+                "autotune": False,
+                "evaluate_batch_size": 3,
+                "explain_xla": "on",
+            }
+        )
+        status = json.loads(project.run("dvc", "status", "--json").stdout)
+        assert status == {"download": ["always changed"]}
+        project.set_params(train={"shuffle_buffer": 16})
+        status = json.loads(project.run("dvc", "status", "--json").stdout)
+        assert set(status) == {"download", "train"}
+    finally:
+        path.write_text(before)

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from test_serving import subprocess_env
 from test_tracking import local_server
 
-from animalcam import tracking
+from animalcam import run_grouping, tracking
 
 # The tiniest pipeline that still trains, evaluates and explains.
 TINY = {
@@ -98,7 +98,7 @@ def pipeline_runs(uri: str, experiment: str = "animalcam") -> tuple[MlflowClient
     client = MlflowClient(uri)
     found = client.search_runs(
         [client.get_experiment_by_name(experiment).experiment_id],
-        f"tags.`{tracking.KIND_TAG}` = 'pipeline'",
+        f"tags.`{run_grouping.KIND_TAG}` = 'pipeline'",
     )
     return client, {run.data.tags.get("dvc.exp_name", run.info.run_id): run for run in found}
 
@@ -145,8 +145,8 @@ def test_two_queued_experiments_against_a_server_keep_their_own_runs(tmp_path, m
     client, parents = pipeline_runs(mlflow_server)
     assert set(parents) == {baseline.info.run_id, *experiments}, sorted(parents)
     assert client.get_run(baseline.info.run_id).data.metrics == baseline.data.metrics
-    keys = {parents[name].data.tags[tracking.EXECUTION_TAG] for name in experiments}
-    assert len(keys) == 2 and baseline.data.tags[tracking.EXECUTION_TAG] not in keys
+    keys = {parents[name].data.tags[run_grouping.EXECUTION_TAG] for name in experiments}
+    assert len(keys) == 2 and baseline.data.tags[run_grouping.EXECUTION_TAG] not in keys
     ran = {
         "retrain": {"download", "train", "evaluate", "explain"},
         "alpha": {"download", "explain"},
@@ -171,11 +171,11 @@ def test_two_queued_experiments_against_a_server_keep_their_own_runs(tmp_path, m
     retrain = stage_children(client, parents["retrain"])
     train_id = retrain["train"][0].info.run_id
     for stage in ("evaluate", "explain"):
-        assert retrain[stage][0].data.tags[tracking.MODEL_RUN_TAG] == train_id
+        assert retrain[stage][0].data.tags[run_grouping.MODEL_RUN_TAG] == train_id
     evaluate = results["retrain"]["metrics"]["metrics/evaluate.json"]
     assert parents["retrain"].data.metrics["macro_f1"] == pytest.approx(evaluate["macro_avg"]["f1"])
     explain = stage_children(client, parents["alpha"])["explain"][0]
-    assert explain.data.tags[tracking.MODEL_RUN_TAG] == baseline_train
+    assert explain.data.tags[run_grouping.MODEL_RUN_TAG] == baseline_train
 
 
 def test_two_queued_experiments_share_the_embedded_store(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_serving import free_port
 
-from animalcam import tracking
+from animalcam import tracking_secrets
 
 PASSWORD = "Pw-s3cr3t-9f2c"  # distinctive: found only where it leaked
 STAGE = REPO_ROOT / "stages/prepare.py"
@@ -120,7 +120,7 @@ def test_an_unreachable_store_fails_without_showing_its_password(template, tmp_p
     that names the store, without its credentials."""
     uri = template.format(pw=PASSWORD, port=free_port())
     line = assert_nothing_leaked(run_stage(tmp_path, uri), tmp_path)
-    assert tracking.public_uri(uri) in line
+    assert tracking_secrets.public_uri(uri) in line
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_a_token_in_the_environment_never_shows(env, tmp_path, echo_server):
     line = assert_nothing_leaked(
         run_stage(tmp_path, uri, MLFLOW_TRACKING_USERNAME="alice", **env), tmp_path
     )
-    assert "could not" in line and tracking.REDACTED in line
+    assert "could not" in line and tracking_secrets.REDACTED in line
 
 
 def test_a_server_echoing_the_request_never_shows_the_password(tmp_path, echo_server):
@@ -140,7 +140,7 @@ def test_a_server_echoing_the_request_never_shows_the_password(tmp_path, echo_se
     header requests built from user:password@."""
     uri = f"http://alice:{PASSWORD}@127.0.0.1:{echo_server}/"
     line = assert_nothing_leaked(run_stage(tmp_path, uri), tmp_path)
-    assert tracking.REDACTED in line and f"http://127.0.0.1:{echo_server}/" in line
+    assert tracking_secrets.REDACTED in line and f"http://127.0.0.1:{echo_server}/" in line
 
 
 def test_public_uri_and_redact_cover_every_spelling(monkeypatch):
@@ -157,14 +157,14 @@ def test_public_uri_and_redact_cover_every_spelling(monkeypatch):
         "https://tok3n-value@host/x#frag": ("https://host/x", ["tok3n-value"]),
     }
     for uri, (public, secrets) in cases.items():
-        assert tracking.public_uri(uri) == public
+        assert tracking_secrets.public_uri(uri) == public
         message = f"failed: {uri} (password {' / '.join(secrets)})"
-        redacted = tracking.redact(message, uri)
+        redacted = tracking_secrets.redact(message, uri)
         assert public in redacted
         assert not any(secret in redacted for secret in secrets), redacted
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "env-token-123")
-    assert tracking.redact("Bearer env-token-123") == f"Bearer {tracking.REDACTED}"
-    assert tracking.public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert tracking_secrets.redact("Bearer env-token-123") == f"Bearer {tracking_secrets.REDACTED}"
+    assert tracking_secrets.public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
 def test_log_records_are_masked(caplog, monkeypatch):
@@ -174,9 +174,9 @@ def test_log_records_are_masked(caplog, monkeypatch):
     handler = logging.StreamHandler()
     logging.getLogger("some.library").addHandler(handler)
     try:
-        tracking.guard_secrets(uri)
-        assert tracking._SECRET_FILTER in caplog.handler.filters
-        assert tracking._SECRET_FILTER in handler.filters
+        tracking_secrets.guard_secrets(uri)
+        assert tracking_secrets.SECRET_FILTER in caplog.handler.filters
+        assert tracking_secrets.SECRET_FILTER in handler.filters
         logger = logging.getLogger("some.library")
         logger.warning("engine for %s failed", uri)
         try:

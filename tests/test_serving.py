@@ -143,11 +143,12 @@ def test_served_probabilities_equal_what_evaluate_computes_for_every_kind(saved_
     """Serving and evaluate (prepare -> PNG image cache -> predict) see the same pixels."""
     from tiny_data import write_manifest
 
+    from animalcam.batches import BatchSettings, ordered_batches
     from animalcam.dataset import read_manifest
     from animalcam.evaluation import predict_probabilities
-    from animalcam.image_cache import build_cache, cached_dataset, open_split
+    from animalcam.image_cache import CachedExamples, build_cache, open_split
     from animalcam.modeling import load_model
-    from animalcam.params import CacheParams
+    from animalcam.params import ImagesParams
 
     rows = []
     for kind in KINDS:
@@ -159,12 +160,12 @@ def test_served_probabilities_equal_what_evaluate_computes_for_every_kind(saved_
     write_manifest(prepared / "train.csv", rows)
     write_manifest(prepared / "val.csv", rows)
     (prepared / "classes.json").write_text('["cat", "dog"]')
-    build_cache(prepared, tmp_path / "cache", image_size=16, params=CacheParams(), root=tmp_path)
+    build_cache(prepared, tmp_path / "cache", image_size=16, params=ImagesParams(), root=tmp_path)
     manifest = read_manifest(prepared / "val.csv", CLASSES, tmp_path)
     split = open_split(tmp_path / "cache", "val", manifest, 16)
     keras_model = load_model(saved_model / "artifacts" / "model.keras")
     evaluated = predict_probabilities(
-        keras_model, cached_dataset(split, batch_size=4, labels=False)
+        keras_model, ordered_batches(CachedExamples(split), BatchSettings(4), labels=False)
     )
 
     served = mlflow.pyfunc.load_model(str(saved_model)).predict(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -32,33 +31,10 @@ SECRET = b"secret outside the source"
 
 
 @pytest.fixture
-def work(tmp_path, monkeypatch):
-    """The repository root (current directory); the source folder lives beside it."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    monkeypatch.chdir(root)
-    return root
-
-
-@pytest.fixture
 def source(tmp_path) -> Path:
     """A folder in the Kaggle layout, and a secret file next to it (outside the source)."""
     (tmp_path / "secret.txt").write_bytes(SECRET)
     return write_folder(tmp_path / "animals10", kaggle_files())
-
-
-@pytest.fixture
-def no_hang():
-    """Fail, rather than hang, if the code under test opens a FIFO."""
-
-    def alarm(*args):
-        raise TimeoutError("blocked: something opened a FIFO")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def fetch(folder: Path) -> download.RawData:

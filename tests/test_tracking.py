@@ -32,9 +32,18 @@ from test_serving import (
     subprocess_env,
 )
 
-from animalcam import provenance, tracking
-from animalcam.errors import AnimalcamError, SourceNotFoundError
+from animalcam import (
+    dvc_files,
+    model_registry,
+    provenance,
+    run_grouping,
+    tracking,
+    tracking_store,
+)
+from animalcam.errors import AnimalcamError, SourceNotFoundError, TrackingError
+from animalcam.flat_params import flatten_params
 from animalcam.params import params_from_dict
+from animalcam.tracking_secrets import public_uri
 
 EPOCHS = 3
 MODEL_RUN = "models/mlflow_run.json"
@@ -88,11 +97,20 @@ def workspace(tmp_path, monkeypatch, model_file) -> Path:
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages/train.py").write_text("print('train')\n")
     stages = {
-        "download": {"cmd": "python stages/download.py", "outs": ["data/raw"]},
-        "prepare": {"cmd": "x", "deps": ["data/raw"], "outs": ["data/prepared"]},
-        "train": {"cmd": "x", "deps": ["stages/train.py", "data/prepared"], "outs": ["models"]},
+        "download": {"cmd": "python stages/download.py", "params": ["data"], "outs": ["data/raw"]},
+        "prepare": {"cmd": "x", "deps": ["data/raw"], "params": ["prepare"]},
+        "train": {
+            "cmd": "x",
+            "deps": ["stages/train.py", "data/prepared", "data/raw"],
+            "params": ["train"],
+            "outs": ["models"],
+        },
         "evaluate": {"cmd": "x", "deps": ["models/model.keras", "data/prepared"]},
-        "explain": {"cmd": "x", "deps": ["models/model.keras", "data/prepared"]},
+        "explain": {
+            "cmd": "x",
+            "deps": ["models/model.keras", "data/prepared"],
+            "params": ["explain"],
+        },
     }
     (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": stages}))
     lock = {
@@ -161,10 +179,10 @@ def test_execution_groups_stages_under_one_parent(sqlite_uri, workspace):
     with tracking.stage_run("train", params, **kwargs) as run:
         fit_with_resume(workspace / "models/model.keras", run.keras_callback())
         run.log_metrics({"val_accuracy": 0.75})
-        info = run.log_model(
-            "models/model.keras", params.mlflow.registered_model, val_accuracy=0.75
+        model = model_registry.log_trained_model(
+            run, "models/model.keras", params.mlflow.registered_model, val_accuracy=0.75
         )
-        run.record_model_run("models/mlflow_run.json")
+        run.record_model_run("models/mlflow_run.json", model)
         run.set_headline({"val_accuracy": 0.75})
         train_id, parent_id = run.run_id, run.parent_run_id
     for stage, headline in (
@@ -187,8 +205,8 @@ def test_execution_groups_stages_under_one_parent(sqlite_uri, workspace):
 
     client = MlflowClient(store_uri)
     parent = client.get_run(parent_id)
-    assert parent.data.tags[tracking.EXECUTION_TAG] == "exec-1"
-    assert parent.data.tags[tracking.KIND_TAG] == "pipeline"
+    assert parent.data.tags[run_grouping.EXECUTION_TAG] == "exec-1"
+    assert parent.data.tags[run_grouping.KIND_TAG] == "pipeline"
     assert parent.info.status == "FINISHED"
     by_stage = children(client, parent)
     assert {k: len(v) for k, v in by_stage.items()} == {
@@ -231,7 +249,7 @@ def test_execution_groups_stages_under_one_parent(sqlite_uri, workspace):
 
     # Tags on every run: git, DVC hashes of the inputs, versions, devices.
     rerun = client.get_run(rerun_id)
-    assert rerun.data.tags[tracking.MODEL_RUN_TAG] == train_id
+    assert rerun.data.tags[run_grouping.MODEL_RUN_TAG] == train_id
     assert rerun.data.tags["animalcam.params_differ_from_parent"] == "explain.alpha"
     assert rerun.data.params["explain.alpha"] == "0.5"
     for run in (parent, train, prepare, rerun):
@@ -256,7 +274,7 @@ def test_execution_groups_stages_under_one_parent(sqlite_uri, workspace):
     assert version.run_id == train_id
     record = json.loads(Path("models/mlflow_run.json").read_text())
     assert record["run_id"] == train_id and record["parent_run_id"] == parent_id
-    assert record["model_version"] == "1" and record["model_uri"] == info.model_uri
+    assert record["model_version"] == "1" and record["model_uri"] == model.model_uri
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +291,10 @@ def server_pipeline(server_uri, model_file, tmp_path_factory):
         with tracking.stage_run("train", params, tracking_uri=server_uri, execution="s1") as run:
             fit_with_resume(root / "model.keras", run.keras_callback())
             run.log_artifact("classes.json")
-            run.log_model("model.keras", params.mlflow.registered_model, val_accuracy=0.5)
-            run.record_model_run("mlflow_run.json")
+            model = model_registry.log_trained_model(
+                run, "model.keras", params.mlflow.registered_model, val_accuracy=0.5
+            )
+            run.record_model_run("mlflow_run.json", model)
             train = run
         with tracking.stage_run(
             "explain",
@@ -345,19 +365,19 @@ def test_without_execution_each_stage_gets_its_own_parent(sqlite_uri, workspace)
     assert ids[0] != ids[1]
     parent = MlflowClient(sqlite_uri).get_run(ids[0])
     assert parent.info.run_name == "prepare (standalone)"
-    assert tracking.EXECUTION_TAG not in parent.data.tags
+    assert run_grouping.EXECUTION_TAG not in parent.data.tags
 
 
 def test_pipeline_run_id_env_forces_the_parent(sqlite_uri, workspace, monkeypatch):
     params = fresh_params()
     with tracking.stage_run("prepare", params, tracking_uri=sqlite_uri, execution=None) as run:
         parent_id = run.parent_run_id
-    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, parent_id)
+    monkeypatch.setenv(run_grouping.PIPELINE_RUN_ENV, parent_id)
     with tracking.stage_run("evaluate", params, tracking_uri=sqlite_uri, execution="other") as run:
         assert run.parent_run_id == parent_id
-    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "0" * 32)
+    monkeypatch.setenv(run_grouping.PIPELINE_RUN_ENV, "0" * 32)
     with (
-        pytest.raises(tracking.TrackingError, match=r"ANIMALCAM_PIPELINE_RUN_ID=0+ is not"),
+        pytest.raises(TrackingError, match=r"ANIMALCAM_PIPELINE_RUN_ID=0+ is not"),
         tracking.stage_run("evaluate", params, tracking_uri=sqlite_uri),
     ):
         pytest.fail("the block must not run")
@@ -413,8 +433,8 @@ def test_log_history_adds_only_the_epochs_not_logged_yet(sqlite_uri, workspace):
 def test_unreachable_server_fails_fast_with_one_line(workspace):
     uri = f"http://user:secret@127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingError) as caught:
-        tracking.check_tracking_server(uri)
+    with pytest.raises(TrackingError) as caught:
+        tracking_store.check_tracking_server(uri)
     message = str(caught.value)
     assert isinstance(caught.value, AnimalcamError) and isinstance(caught.value, ConnectionError)
     assert "\n" not in message and "cannot be reached" in message
@@ -422,7 +442,7 @@ def test_unreachable_server_fails_fast_with_one_line(workspace):
     # MLflow's defaults would retry for minutes; the probe must not.
     assert time.monotonic() - started < 30
     with (
-        pytest.raises(tracking.TrackingError, match="cannot be reached"),
+        pytest.raises(TrackingError, match="cannot be reached"),
         tracking.stage_run("train", fresh_params(), tracking_uri=uri),
     ):
         pytest.fail("the block must not run")
@@ -456,18 +476,18 @@ def test_credentials_in_the_uri_stay_out_of_runs_files_and_output(
 
 
 def test_server_that_is_not_mlflow_is_reported(workspace, server_uri):
-    with pytest.raises(tracking.TrackingError, match="answered HTTP 404"):
-        tracking.check_tracking_server(server_uri + "/not-mlflow")
+    with pytest.raises(TrackingError, match="answered HTTP 404"):
+        tracking_store.check_tracking_server(server_uri + "/not-mlflow")
 
 
 def test_reachable_server_and_default_store(server_uri, workspace, monkeypatch):
-    assert tracking.check_tracking_server(server_uri) == server_uri
+    assert tracking_store.check_tracking_server(server_uri) == server_uri
     assert requests.get(f"{server_uri}/health", timeout=5).status_code == 200
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{workspace / 'mlflow.db'}"
+    assert tracking_store.resolve_tracking_uri() == f"sqlite:///{workspace / 'mlflow.db'}"
     monkeypatch.setenv("DVC_ROOT", "/somewhere/else")
-    assert tracking.resolve_tracking_uri() == "sqlite:////somewhere/else/mlflow.db"
+    assert tracking_store.resolve_tracking_uri() == "sqlite:////somewhere/else/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
-    assert tracking.resolve_tracking_uri() == server_uri
+    assert tracking_store.resolve_tracking_uri() == server_uri
 
 
 # --- Execution keys, versions, git --------------------------------------------------------
@@ -520,11 +540,82 @@ def test_path_version_uses_the_lock_while_it_matches_the_disk(workspace):
 
 
 def test_flatten_params_spells_values_as_params_yaml():
-    flat = tracking.flatten_params(fresh_params(), ["train", "explain"])
+    flat = flatten_params(fresh_params(), ["train", "explain"])
     assert flat["train.augment.horizontal_flip"] == "true"
     assert flat["train.learning_rate"] == "0.0001"
     assert flat["explain.layer"] == "null"
     assert not any(key.startswith("prepare.") for key in flat)
+    dotted = flatten_params(fresh_params(), ["train.image_size", "train.augment"])
+    assert dotted["train.image_size"] == "224" and dotted["train.augment.rotation"] == "20.0"
+    assert not any(key.startswith(("train.epochs", "train.image_size_")) for key in dotted)
+    assert flatten_params(fresh_params(), []) == {}
+
+
+# --- Params and data a stage logs: what dvc.yaml declares ----------------------------------
+
+
+def test_declared_stage_reads_params_and_data_deps(tmp_path):
+    stages = {
+        "one": {
+            "deps": ["stages/one.py", "src/animalcam/x.py", "data/prepared", "data/raw"],
+            "params": [
+                "train.image_size",
+                "images",
+                {"params.yaml": ["speed.xla"]},
+                {"o.yaml": ["k"]},
+            ],
+        },
+        "all": {"deps": ["models/model.keras"], "params": [{"params.yaml": None}]},
+    }
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": stages}))
+    one = dvc_files.declared_stage("one", tmp_path)
+    assert one.params == ("train.image_size", "images", "speed.xla")
+    assert one.data_deps == ("data/prepared", "data/raw") and one.data == "data/prepared"
+    assert dvc_files.declared_stage("all", tmp_path).params is None  # all of params.yaml
+    assert dvc_files.declared_stage("all", tmp_path).data is None
+    assert dvc_files.declared_stage("none", tmp_path) == dvc_files.DeclaredStage()
+    (tmp_path / "dvc.yaml").write_text("stages: [unclosed\n")
+    assert dvc_files.declared_stage("one", tmp_path) == dvc_files.DeclaredStage()
+    (tmp_path / "dvc.yaml").unlink()
+    assert dvc_files.declared_stage("one", tmp_path) == dvc_files.DeclaredStage()
+
+
+def test_a_stage_logs_the_params_and_data_its_dvc_yaml_entry_lists(sqlite_uri, workspace):
+    """Dotted keys and whole sections, as listed; the first data dep is the data read, and
+    being the train stage's data its version goes on the parent too."""
+    dvc_yaml = json.loads((workspace / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["images"] = {
+        "cmd": "x",
+        "deps": ["stages/train.py", "data/prepared", "data/raw"],
+        "params": ["train.image_size", "explain"],
+    }
+    (workspace / "dvc.yaml").write_text(json.dumps(dvc_yaml))
+    params = fresh_params()
+    with tracking.stage_run("images", params, tracking_uri=sqlite_uri, execution=None) as run:
+        pass
+    client = MlflowClient(sqlite_uri)
+    logged = client.get_run(run.run_id).data.params
+    expected = {**flatten_params(params, ["explain"]), "train.image_size": "224"}
+    expected |= {"data_path": "data/prepared", "data_version": "bbbb2222.dir"}
+    assert logged == expected
+    parent = client.get_run(run.parent_run_id).data.params
+    assert parent == {**flatten_params(params), "data_version": "bbbb2222.dir"}
+
+
+@pytest.mark.parametrize("dvc_yaml", [None, "stages: {train: [broken\n", "just text\n"])
+def test_outside_a_dvc_repository_a_stage_logs_no_params_of_its_own(
+    dvc_yaml, sqlite_uri, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    if dvc_yaml is not None:
+        (tmp_path / "dvc.yaml").write_text(dvc_yaml)
+    params = fresh_params()
+    with tracking.stage_run("train", params, tracking_uri=sqlite_uri, execution=None) as run:
+        pass
+    client = MlflowClient(sqlite_uri)
+    assert client.get_run(run.run_id).data.params == {}
+    assert client.get_run(run.parent_run_id).data.params == flatten_params(params)
+    assert client.get_run(run.run_id).info.status == "FINISHED"
 
 
 def test_git_state_ignores_dvc_lock(tmp_path):
@@ -570,5 +661,5 @@ def test_numeric_metrics_flattens_numbers_only():
 
 
 def test_public_uri_drops_credentials():
-    assert tracking.public_uri("https://u:p@host:5000/x?token=1") == "https://host:5000/x"
-    assert tracking.public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert public_uri("https://u:p@host:5000/x?token=1") == "https://host:5000/x"
+    assert public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from animalcam import tracking
+from animalcam import abandoned_runs, tracking_store
 from animalcam.errors import TrackingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_damaged_store_is_one_line_and_left_alone(kind, tmp_path, real_store):
     before = path.read_bytes()
 
     with pytest.raises(TrackingError) as caught:
-        tracking.check_tracking_server(f"sqlite:///{path}")
+        tracking_store.check_tracking_server(f"sqlite:///{path}")
 
     message = str(caught.value)
     assert "\n" not in message
@@ -72,14 +72,14 @@ def test_another_programs_database_is_not_touched(tmp_path):
     before = path.read_bytes()
 
     with pytest.raises(TrackingError, match="is a SQLite database but not an MLflow store"):
-        tracking.check_tracking_server(f"sqlite:///{path}")
+        tracking_store.check_tracking_server(f"sqlite:///{path}")
     assert path.read_bytes() == before
 
 
 def test_folder_in_place_of_the_store_is_reported(tmp_path):
     (tmp_path / "mlflow.db").mkdir()
     with pytest.raises(TrackingError, match="is not a regular file"):
-        tracking.check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        tracking_store.check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.mark.parametrize("content", ["healthy", "empty", "absent"])
@@ -89,7 +89,7 @@ def test_usable_stores_pass(content, tmp_path, real_store):
         path.write_bytes(real_store)
     elif content == "empty":
         path.touch()
-    assert tracking.check_tracking_server(f"sqlite:///{path}") == f"sqlite:///{path}"
+    assert tracking_store.check_tracking_server(f"sqlite:///{path}") == f"sqlite:///{path}"
 
 
 def test_stage_stops_before_any_work_on_a_damaged_store(tmp_path):
@@ -127,22 +127,24 @@ def test_runs_of_a_dead_process_are_closed_and_live_ones_kept(tmp_path, real_sto
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **TEXT)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = tracking.process_tags()
-        alive.update({tracking.PID_TAG: str(sleeper.pid), tracking.PID_STARTED_TAG: "0"})
-        dead = {**alive, tracking.PID_TAG: gone.stdout.strip()}
-        other_host = {**dead, tracking.HOST_TAG: "another-host"}
+        alive = abandoned_runs.process_tags()
+        alive.update(
+            {abandoned_runs.PID_TAG: str(sleeper.pid), abandoned_runs.PID_STARTED_TAG: "0"}
+        )
+        dead = {**alive, abandoned_runs.PID_TAG: gone.stdout.strip()}
+        other_host = {**dead, abandoned_runs.HOST_TAG: "another-host"}
         runs = {
             name: client.create_run(experiment, tags=tags).info.run_id
             for name, tags in {
                 "dead": dead,
                 "live": alive,  # pid reused by a Python process: maybe ours, kept
-                "this process": tracking.process_tags(),
+                "this process": abandoned_runs.process_tags(),
                 "other host": other_host,
                 "untagged": {},
             }.items()
         }
 
-        closed = tracking.close_abandoned_runs(client, experiment)
+        closed = abandoned_runs.close_abandoned_runs(client, experiment)
     finally:
         sleeper.kill()
         sleeper.wait()

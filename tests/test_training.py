@@ -15,9 +15,11 @@ import pytest
 import tiny_data
 
 from animalcam import dataset, modeling, resume, training
+from animalcam.batches import steps_per_epoch
 from animalcam.errors import DataError
 from animalcam.outputs import read_csv
 from animalcam.params import as_dict, params_from_dict
+from animalcam.resume_store import ResumeStore, Watchers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -71,10 +73,10 @@ def test_train_stage_writes_model_metrics_and_history(tmp_path, monkeypatch):
     train = {**TINY, "epochs": 2, "warmup_epochs": 1, "trainable": 1}
     (tmp_path / "params.yaml").write_text(json.dumps({"train": train}))  # JSON is YAML
     monkeypatch.chdir(tmp_path)
-    cache = runpy.run_path(str(REPO_ROOT / "stages" / "cache.py"), run_name="cache_stage")
+    images = runpy.run_path(str(REPO_ROOT / "stages" / "images.py"), run_name="images_stage")
     stage = runpy.run_path(str(REPO_ROOT / "stages" / "train.py"), run_name="train_stage")
 
-    cache["main"]()  # data/cache: the images train reads (train.input: cache)
+    images["main"]()  # data/images: the images train reads (train.input: images)
     stage["main"]()
 
     history = read_csv("plots/train/history.csv")
@@ -93,8 +95,8 @@ def test_train_stage_writes_model_metrics_and_history(tmp_path, monkeypatch):
     block5 = 3 * (3 * 3 * 512 * 512 + 512)
     assert metrics["params_trainable"] == head + block5  # trainable: 1 = the top block
     assert metrics["replicas"] == 1 and metrics["mixed_precision"] is False
-    assert metrics["input"] == "cache"
-    assert metrics["feature_cache_phases"] == "warmup"  # head-only warm-up on features
+    assert metrics["input"] == "images"
+    assert metrics["backbone_features_phases"] == "warmup"  # head-only warm-up on features
     model = modeling.load_model("models/model.keras")
     assert modeling.class_names(model) == ["cat", "dog", "horse"]
     assert model.get_layer("block1_conv1").trainable  # saved without the training freeze
@@ -126,7 +128,7 @@ def test_training_resumes_after_a_kill_at_the_next_epoch(tmp_path):
     )
 
     assert recorder.epochs == [1, 2]  # 0-based: epochs 2 and 3 ran, epoch 1 did not
-    steps = dataset.steps_per_epoch(len(train_set), params.batch_size)
+    steps = steps_per_epoch(len(train_set), params.batch_size)
     assert recorder.start_iterations == steps  # optimizer state came back too
     assert [row["epoch"] for row in result.history] == [1, 2, 3]  # each epoch once
     assert result.history[0] == first_epoch
@@ -151,39 +153,38 @@ def test_resume_restores_the_callbacks_counters(tmp_path):
         fingerprint={},
         epochs_done=4,
         phase="main",
+        phase_start=2,
         best_val_loss=0.5,
         callbacks={
             "early_stopping": {"best": 0.5, "best_epoch": 1, "wait": 2},
             "reduce_lr": {"best": 0.5, "wait": 1, "cooldown_counter": 0},
         },
     )
-    callbacks = {
-        "checkpoint": keras.callbacks.ModelCheckpoint(str(tmp_path / "b.weights.h5")),
-        "early_stopping": keras.callbacks.EarlyStopping(patience=5),
-        "reduce_lr": keras.callbacks.ReduceLROnPlateau(patience=3),
-    }
-
     for resuming in (True, False):
-        keeper = resume.ResumeCallback(
-            tmp_path,
-            state,
-            **callbacks,
-            phase_end=8,
-            next_phase="done",
-            resuming=resuming,
-            wall_clock_start=0.0,
-            wall_time_before=0.0,
+        state.phase_start = 2 if resuming else 4
+        watchers = Watchers(
+            checkpoint=keras.callbacks.ModelCheckpoint(str(tmp_path / "b.weights.h5")),
+            early_stopping=keras.callbacks.EarlyStopping(patience=3),
+            reduce_lr=keras.callbacks.ReduceLROnPlateau(patience=3),
         )
-        for callback in [*callbacks.values(), keeper]:  # the order fit calls them in
+        keeper = ResumeStore(tmp_path, state).callback(watchers, phase_end=8, next_phase="done")
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        for callback in [*watchers, keeper]:  # the order fit calls them in
+            callback.set_model(model)
             callback.on_train_begin()
 
-        assert callbacks["checkpoint"].best == 0.5
-        assert callbacks["early_stopping"].best == 0.5
-        assert callbacks["early_stopping"].best_epoch == 1
-        assert callbacks["reduce_lr"].best == 0.5
+        assert watchers.checkpoint.best == 0.5
+        assert watchers.early_stopping.best == 0.5
+        assert watchers.early_stopping.best_epoch == 1
+        assert watchers.reduce_lr.best == 0.5
         # Mid-phase the patience counters carry on; a new phase restarts them.
-        assert callbacks["early_stopping"].wait == (2 if resuming else 0)
-        assert callbacks["reduce_lr"].wait == (1 if resuming else 0)
+        assert watchers.early_stopping.wait == (2 if resuming else 0)
+        assert watchers.reduce_lr.wait == (1 if resuming else 0)
+        # Keras reads the restored counters back: one more epoch without improvement
+        # reaches EarlyStopping's patience (3) only when its wait carried on.
+        watchers.early_stopping.on_epoch_end(4, {"val_loss": 0.9})
+        assert model.stop_training is resuming
 
 
 def test_state_from_other_params_or_data_is_ignored(tmp_path, caplog):

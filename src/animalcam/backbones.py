@@ -20,7 +20,7 @@ class Backbone:
     preprocessing: str
     # Grad-CAM's default target layer. None: the backbone's output feature map (the
     # layer feeding the "pool" layer), for backbones whose last 4-D layer has no stable
-    # name (see animalcam.modeling.gradcam_layer_name).
+    # name (see animalcam.gradcam_target.find_target_layer).
     last_conv_layer: str | None
     # Layer-name prefixes of its blocks, bottom to top, for "unfreeze the top N blocks":
     # the first layer named with the N-th prefix from the top and every backbone layer

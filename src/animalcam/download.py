@@ -45,10 +45,10 @@ anything that looks like a credential replaced by ``[redacted]`` reach the log; 
 messages built from its exceptions are redacted the same way.
 
 An optional *stamp* file records which source built ``data/raw`` (a digest of the zip's
-central directory, or of the folder's file names, sizes, times and modes, plus a digest of
-this code) and what was skipped. When the stamp still matches, the stage does nothing,
-which lets dvc.yaml re-check a local source on every ``dvc repro`` (``always_changed``)
-without unpacking it again.
+central directory, or of the folder's file names, sizes, times and modes, plus the digests
+:mod:`animalcam.fingerprints` gives of this code) and what was skipped. When the stamp
+still matches, the stage does nothing, which lets dvc.yaml re-check a local source on
+every ``dvc repro`` (``always_changed``) without unpacking it again.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from animalcam import outputs
+from animalcam import fingerprints, outputs
 from animalcam.archives import (
     GB,
     checked_members,
@@ -224,6 +224,10 @@ def download_dataset(
     if previous.get("fingerprint") == fingerprint and _intact(out_dir, previous):
         logger.info("%s is up to date with data.source = %s; nothing to do", out_dir, data.source)
         return _reuse(out_dir, previous, data.source, stamp)
+    if previous:
+        changed = fingerprints.describe_changes(previous["fingerprint"], fingerprint)
+        why = f"{changed} changed" if changed else "its files no longer match the stamp"
+        logger.info("rebuilding %s: %s", out_dir, why)
 
     if stamp is not None:
         # Gone before data/raw changes: a crash from here on can never pair the old stamp
@@ -987,14 +991,10 @@ def _count(out_dir: Path) -> tuple[dict[str, int], int, int]:
     return classes, files, size
 
 
-def _code_digest() -> str:
-    """SHA-256 of the modules that decide what lands in data/raw (this one and archives)."""
-    from animalcam import archives
-
-    digest = hashlib.sha256()
-    for module_file in (__file__, archives.__file__):
-        digest.update(Path(module_file).read_bytes())
-    return digest.hexdigest()
+def _code_digest() -> dict[str, str]:
+    """Digests of this module and every animalcam module it imports: the code that
+    decides what lands in data/raw (the same rule as the stage's deps in dvc.yaml)."""
+    return fingerprints.code_digest("download")
 
 
 def _read_stamp(stamp: Path | None) -> dict:

@@ -3,9 +3,10 @@
 Every stage checks them first (:func:`animalcam.stage.configure_logging`), so that a
 mistyped value is one line naming the variable, the value and what is allowed, not a
 traceback from inside the logging module. Unset, empty and blank all mean the default:
-``VAR= dvc repro`` is how a shell switches one off. ``MLFLOW_TRACKING_URI``,
-``ANIMALCAM_PIPELINE_RUN_ID`` and the ``DVC_*`` variables are read and checked where
-they are used, in :mod:`animalcam.tracking` and :mod:`animalcam.provenance`.
+``VAR= dvc repro`` is how a shell switches one off. ``ANIMALCAM_PIPELINE_RUN_ID``
+(:func:`pipeline_run_id`) is checked here too; ``MLFLOW_TRACKING_URI`` is checked where it
+is used (:mod:`animalcam.tracking_store`), and the informational ``DVC_*`` variables are
+cleaned for tags by :func:`text_variable`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from animalcam import figures
 from animalcam.errors import DataError, ModelError
-from animalcam.images import decode_rgb
+from animalcam.examples import read_rgb, select_examples
 from animalcam.outputs import write_bytes, write_csv, write_text
 from animalcam.params import EvaluateParams
 
@@ -315,13 +315,9 @@ def write_evaluation(
     the source of DVC's confusion plot), ``confusion.png``, ``calibration.csv``
     (reliability diagram), ``classification_report.txt``, and the galleries
     ``correct.png`` / ``incorrect.png`` (``params.gallery_size`` each, chosen as
-    :func:`animalcam.explanation.select_examples` chooses). ``paths`` are the images
-    in prediction order (repository-relative, as in the manifest).
+    :func:`animalcam.examples.select_examples` chooses, as explain does). ``paths`` are
+    the images in prediction order (repository-relative, as in the manifest).
     """
-    # explanation loads TensorFlow (Grad-CAM); imported here so that the metrics above
-    # stay importable without it.
-    from animalcam.explanation import select_examples
-
     plots_dir = Path(plots_dir)
     y, p = check_predictions(y_true, probabilities, class_names)
     metrics = classification_metrics(
@@ -339,15 +335,7 @@ def write_evaluation(
     matrix = confusion_counts(y, p.argmax(axis=1), len(class_names))
     write_bytes(plots_dir / CONFUSION_PNG, figures.confusion_matrix_png(matrix, class_names))
 
-    records = [dict(zip(PREDICTIONS_HEADER, row, strict=True)) for row in rows]
-    n = params.gallery_size
-    correct, incorrect = select_examples(records, n, n, class_names)
-    for name, selected, heading in (
-        (CORRECT_PNG, correct, "Correct predictions (most confident, spread over classes)"),
-        (INCORRECT_PNG, incorrect, "Incorrect predictions (most confident first)"),
-    ):
-        images = [decode_rgb(row["path"], max_pixels=None) for row in selected]
-        write_bytes(plots_dir / name, figures.gallery_png(images, selected, heading=heading))
+    _write_galleries(plots_dir, rows, class_names, params.gallery_size)
     log.info(
         "accuracy %.4f, macro F1 %.4f on %d images",
         metrics["accuracy"],
@@ -355,3 +343,18 @@ def write_evaluation(
         metrics["n_samples"],
     )
     return metrics
+
+
+def _write_galleries(
+    plots_dir: Path, rows: Sequence[Sequence[Any]], class_names: Sequence[str], n: int
+) -> None:
+    """``correct.png`` and ``incorrect.png``: ``n`` examples each of the predictions
+    ``rows``, chosen as explain chooses the examples it explains."""
+    records = [dict(zip(PREDICTIONS_HEADER, row, strict=True)) for row in rows]
+    correct, incorrect = select_examples(records, n, n, class_names)
+    for name, selected, heading in (
+        (CORRECT_PNG, correct, "Correct predictions (most confident, spread over classes)"),
+        (INCORRECT_PNG, incorrect, "Incorrect predictions (most confident first)"),
+    ):
+        images = [read_rgb(row["path"]) for row in selected]
+        write_bytes(plots_dir / name, figures.gallery_png(images, selected, heading=heading))

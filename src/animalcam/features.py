@@ -2,7 +2,7 @@
 
 While the backbone is frozen (``train.trainable: head``, or the warm-up epochs), every
 epoch would run the same images through the same fixed backbone: for VGG16 at 224 px
-that is ~99.9% of the compute, for a head of ~0.27 M parameters. Instead,
+that is nearly all of the compute, for a small dense head. Instead,
 :func:`compute_features` runs the backbone once per image (``train.feature_copies``
 times: once plain, then with fresh augmentations) and :func:`head_model` trains the head
 on those vectors. The head model is built from the full model's OWN head layers, so
@@ -13,7 +13,7 @@ Trade-off: augmentation is limited to ``feature_copies`` fixed draws per image i
 of a new draw each epoch (copies = 1: no augmentation). For a linear-ish head on
 ImageNet features that costs little accuracy on this data (see docs/benchmarks.md);
 fine-tuning phases (``trainable: all`` or N blocks) still see fresh augmentations every
-epoch. ``train.feature_cache: off`` turns the fast path off.
+epoch. ``train.backbone_features: off`` turns the fast path off.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from animalcam.batches import IndexedExamples
 from animalcam.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -98,42 +99,25 @@ def feature_copies(
     return np.stack(sets)
 
 
-def feature_batches(
-    features: np.ndarray,
-    labels: np.ndarray,
-    *,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    first_epoch: int,
-    end_epoch: int,
-) -> tf.data.Dataset:
-    """Training batches over precomputed ``features`` (copies, n, width), epochs
-    ``first_epoch .. end_epoch - 1``: epoch ``e`` uses copy ``e mod copies`` in the order
-    ``stateless_shuffle(range(n), (seed, e))``, the permutation the file-reading pipeline
-    (animalcam.dataset.training_batches) uses, so both paths see the same batches."""
-    table = tf.constant(features)
-    onehot = tf.one_hot(tf.constant(labels, tf.int32), num_classes, dtype=tf.float32)
-    n = features.shape[1]
-    copies = features.shape[0]
+class FeatureExamples(IndexedExamples):
+    """Precomputed feature vectors by index, for animalcam.batches.
 
-    def epoch(e):
-        pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(e, tf.int64)])
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=pair)
-        copy = tf.gather(table, tf.math.floormod(e, copies))
+    ``features`` is ``(copies, n, width)`` (one ``(n, width)`` set: a single copy); epoch
+    ``e`` reads copy ``e mod copies``, in order the plain copy 0. Shuffled, they follow
+    the permutation of animalcam.batches.permutation, the one the image files follow,
+    so both paths see the same batches.
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.table = tf.constant(features if features.ndim == 3 else features[np.newaxis])
+        self.labels = tf.constant(np.asarray(labels), tf.int32)
+
+    def __len__(self) -> int:
+        return int(self.table.shape[1])
+
+    def take(self, order: tf.Tensor, epoch: int) -> tf.data.Dataset:
+        copy = self.table[epoch % int(self.table.shape[0])]
+        # Whole arrays gathered at once: cheaper than a map gathering one example at a time.
         return tf.data.Dataset.from_tensor_slices(
-            (tf.gather(copy, order), tf.gather(onehot, order))
-        ).batch(batch_size)
-
-    epochs = tf.data.Dataset.range(first_epoch, end_epoch)
-    steps = -(-n // batch_size) * max(end_epoch - first_epoch, 0)
-    ds = epochs.flat_map(epoch).apply(tf.data.experimental.assert_cardinality(steps))
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def feature_dataset(
-    features: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int
-) -> tf.data.Dataset:
-    """Validation batches over ``features`` (n, width) in order."""
-    onehot = tf.one_hot(tf.constant(labels, tf.int32), num_classes, dtype=tf.float32)
-    return tf.data.Dataset.from_tensor_slices((features, onehot)).batch(batch_size)
+            (tf.gather(copy, order), tf.gather(self.labels, order))
+        )

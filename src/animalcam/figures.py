@@ -1,4 +1,6 @@
-"""The evaluate stage's pictures: confusion-matrix heatmap and example galleries, as PNG.
+"""Pictures as PNG: evaluate's confusion-matrix heatmap and example galleries, and the
+fixed-size figures and grids that explain's Grad-CAM panels are drawn on
+(:mod:`animalcam.gradcam_panels`).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg renderer, never
 through ``pyplot``: no global state, no display needed, nothing left open. Every function

@@ -1,8 +1,8 @@
 """The prepared-image cache: every usable image decoded and resized ONCE, read many times.
 
 Training at 224 px decodes each original (a JPEG or PNG of a few hundred pixels a side)
-and resizes it every epoch; the cache stage does that once per image and writes the
-result to sharded TFRecords under ``data/cache/``, which train and evaluate stream
+and resizes it every epoch; the images stage does that once per image and writes the
+result to sharded TFRecords under ``data/images/``, which train and evaluate stream
 instead. The pixels are :func:`animalcam.images.model_pixels` of each file, exactly what
 the served model computes from the same file: ``train.image_size``, bilinear, aspect ratio
 not kept. No margin: the study's augmentations (rotation, shift, shear, zoom, flip) all act
@@ -11,9 +11,9 @@ used.
 
 Layout::
 
-    data/cache/index.json          format, image_size, encoding, and per split the
+    data/images/index.json          format, image_size, encoding, and per split the
                                    manifest paths (in order), its shard files and their sizes
-    data/cache/<split>-NNNNN.tfrecord   records {path, label, image} in manifest order
+    data/images/<split>-NNNNN.tfrecord   records {path, label, image} in manifest order
 
 ``image`` is the serialised uint8 tensor (``cache.encoding: raw``: exactly the pixels
 serving computes, nothing to decode), a PNG (``png``: as exact, smaller, slower to read)
@@ -31,21 +31,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import tensorflow as tf
 
-from animalcam.dataset import (
-    Manifest,
-    image_dataset,
-    load_image,
-    read_classes,
-    read_manifest,
-    steps_per_epoch,
-    with_autotune,
-)
+from animalcam.batches import BatchSettings, Examples, permutation
+from animalcam.dataset import FileExamples, Manifest, load_image, read_classes, read_manifest
 from animalcam.errors import DataError, SourceNotFoundError
 from animalcam.outputs import replace_directory, write_json
-from animalcam.params import CacheParams
+from animalcam.params import ImagesParams
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +45,7 @@ INDEX = "index.json"
 FORMAT = 2  # bump when the record layout changes; readers then ask for a rebuild
 SPLITS = ("train", "val")
 ENCODINGS = ("png", "jpeg", "raw")
-_REBUILD = "rebuild it with `dvc repro -f cache` (or restore it with `dvc checkout data/cache`)"
+_REBUILD = "rebuild it with `dvc repro -f images` (or restore it with `dvc checkout data/images`)"
 _FEATURES = {
     "path": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -82,7 +74,7 @@ def build_cache(
     cache_dir: str | Path,
     *,
     image_size: int,
-    params: CacheParams,
+    params: ImagesParams,
     root: str | Path | None = None,
 ) -> dict[str, int]:
     """Decode and resize every image of ``prepared_dir``'s splits into ``cache_dir``.
@@ -119,7 +111,7 @@ def build_cache(
 
 
 def _write_split(
-    folder: Path, split: str, manifest: Manifest, image_size: int, params: CacheParams
+    folder: Path, split: str, manifest: Manifest, image_size: int, params: ImagesParams
 ) -> list[str]:
     def encode(path, label):
         pixels = load_image(path, image_size)
@@ -244,17 +236,16 @@ def _valid_entry(entry: object) -> bool:
     )
 
 
-def cached_or_files(
-    cache_dir: str | Path, split: str, manifest: Manifest, *, image_size: int, batch_size: int
-) -> tf.data.Dataset:
-    """Batches of ``manifest``'s images in order (no labels), from the cache when it fits,
-    else decoded from the files (logged). For evaluate and prediction."""
+def image_examples(
+    cache_dir: str | Path, split: str, manifest: Manifest, image_size: int
+) -> Examples:
+    """``manifest``'s images as examples, from the cache when it fits, else decoded from
+    the files (logged). For evaluate and prediction, which can do without the cache."""
     try:
-        cached = open_split(cache_dir, split, manifest, image_size)
+        return CachedExamples(open_split(cache_dir, split, manifest, image_size))
     except (SourceNotFoundError, DataError) as exc:
         log.warning("reading the original files instead of the image cache: %s", exc)
-        return image_dataset(manifest.paths, image_size=image_size, batch_size=batch_size)
-    return cached_dataset(cached, batch_size=batch_size, labels=False)
+        return FileExamples.of(manifest, image_size)
 
 
 def decode_record(record: tf.Tensor, split: CachedSplit) -> tuple[tf.Tensor, tf.Tensor]:
@@ -271,105 +262,44 @@ def decode_record(record: tf.Tensor, split: CachedSplit) -> tuple[tf.Tensor, tf.
     return tf.cast(pixels, tf.float32), tf.cast(parsed["label"], tf.int32)
 
 
-def cached_dataset(
-    split: CachedSplit,
-    *,
-    batch_size: int,
-    num_classes: int | None = None,
-    labels: bool = True,
-    augment: keras.Sequential | None = None,
-    autotune: bool = True,
-) -> tf.data.Dataset:
-    """One pass over ``split`` in record (= manifest) order, batched and prefetched.
+class CachedExamples(Examples):
+    """A cached split's records as examples for animalcam.batches.
 
-    Yields ``(images, labels)`` (labels one-hot float32 when ``num_classes`` is given)
-    or, with ``labels=False``, images only; images as :func:`animalcam.dataset.image_dataset`.
-    ``augment`` is applied to image batches in training mode (the fast path's copies).
+    TFRecords are read in sequence, not by index: in order means record (= manifest)
+    order; shuffled means the shards in an order drawn from ``(seed, epoch)``, their
+    records interleaved and shuffled through a buffer seeded the same way. Memory then
+    holds ``BatchSettings.shuffle_buffer`` encoded records, not the dataset.
     """
-    ds = tf.data.TFRecordDataset(list(split.shards))
-    ds = ds.map(
-        lambda r: _example(r, split, num_classes, labels),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    # TFRecords have no known length; Keras needs it to end an evaluation pass cleanly.
-    ds = ds.batch(batch_size).apply(
-        tf.data.experimental.assert_cardinality(steps_per_epoch(len(split), batch_size))
-    )
-    if augment is not None:
-        ds = ds.map(
-            (lambda x: augment(x, training=True))
-            if not labels
-            else (lambda x, y: (augment(x, training=True), y)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+
+    def __init__(self, split: CachedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def in_order(self) -> tf.data.Dataset:
+        return self._decoded(tf.data.TFRecordDataset(list(self.split.shards)))
+
+    def shuffled(self, settings: BatchSettings, epoch: int) -> tf.data.Dataset:
+        seed = settings.seed
+        shards = tf.constant(list(self.split.shards))
+        files = tf.data.Dataset.from_tensor_slices(
+            tf.gather(shards, permutation(len(shards), seed, epoch))
         )
-    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
-
-
-def cached_training_batches(
-    split: CachedSplit,
-    *,
-    batch_size: int,
-    num_classes: int,
-    seed: int,
-    first_epoch: int,
-    end_epoch: int,
-    shuffle_buffer: int,
-    augment: keras.Sequential | None = None,
-    autotune: bool = True,
-) -> tf.data.Dataset:
-    """Shuffled, augmented batches for epochs ``first_epoch .. end_epoch - 1`` from the cache.
-
-    Each epoch reads the shards in an order drawn from ``(seed, epoch)`` and shuffles
-    records through a buffer seeded the same way, so a resumed run sees the batches an
-    uninterrupted run would have. ``steps_per_epoch(len(split), batch_size)`` batches an
-    epoch; memory holds ``shuffle_buffer`` encoded records, not the dataset.
-    """
-    shards = tf.constant(list(split.shards))
-    n_shards = len(split.shards)
-
-    def epoch(e: int) -> tf.data.Dataset:
-        pair = tf.constant([seed, e], tf.int64)
-        order = tf.random.experimental.stateless_shuffle(tf.range(n_shards), seed=pair)
-        files = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order))
-        ds = files.interleave(
+        records = files.interleave(
             tf.data.TFRecordDataset,
-            cycle_length=min(4, n_shards),
+            cycle_length=min(4, len(self.split.shards)),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
         # Shuffle the encoded records (small), decode afterwards.
-        ds = ds.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e)
-        ds = ds.map(
-            lambda r: _example(r, split, num_classes, True),
+        return self._decoded(
+            records.shuffle(settings.shuffle_buffer, seed=seed * 1_000_003 + epoch)
+        )
+
+    def _decoded(self, records: tf.data.Dataset) -> tf.data.Dataset:
+        return records.map(
+            lambda r: decode_record(r, self.split),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        ds = ds.batch(batch_size)
-        if augment is not None:
-            ds = ds.map(
-                lambda x, y: (augment(x, training=True), y),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
-            )
-        return ds
-
-    # One dataset per epoch, chained: the shuffle seed must be a Python int.
-    ds = epoch(first_epoch)
-    for e in range(first_epoch + 1, end_epoch):
-        ds = ds.concatenate(epoch(e))
-    if end_epoch <= first_epoch:
-        ds = ds.take(0)
-    steps = steps_per_epoch(len(split), batch_size) * max(end_epoch - first_epoch, 0)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
-    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
-
-
-def _example(record, split: CachedSplit, num_classes: int | None, labels: bool):
-    image, label = decode_record(record, split)
-    if not labels:
-        return image
-    if num_classes is not None:
-        label = tf.one_hot(label, num_classes, dtype=tf.float32)
-    return image, label

@@ -229,18 +229,6 @@ def set_trainable(model: keras.Model, policy: int | str) -> int:
     return int(sum(np.prod(v.shape) for v in model.trainable_weights))
 
 
-def gradcam_layer_name(model: keras.Model) -> str:
-    """Grad-CAM's default target: the backbone's registered last conv layer.
-
-    For a backbone registered without one (``last_conv_layer=None``) this is the layer
-    whose output feeds the "pool" layer: the backbone's final feature map.
-    """
-    spec = backbone_of(model)
-    if spec.last_conv_layer is not None:
-        return spec.last_conv_layer
-    return backbone_layers(model)[-1].name
-
-
 def class_names(model: keras.Model) -> list[str]:
     """Class names in output order, as stored in the "predictions" layer."""
     return list(model.get_layer("predictions").class_names)

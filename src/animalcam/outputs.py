@@ -20,7 +20,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -105,6 +107,25 @@ def _sweep_once(folder: Path) -> None:
         remove_stale_temps(folder)
 
 
+# The signals a stage turns into a clean stop (animalcam.stage), plus Ctrl-C.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold stop signals while a temporary file or folder is created and its name kept:
+    one arriving in between would leave a temporary nobody deletes. A held signal is
+    delivered on the way out, inside the caller's ``try``, which then cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives them
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def temp_file(path: str | Path, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
     """``mkstemp`` beside ``path`` under this module's temporary name (leftovers of dead
     writers removed first): (open descriptor, name). The caller renames or deletes it."""
@@ -121,25 +142,31 @@ def temporary_directory(parent: str | Path, name: str) -> Iterator[Path]:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(parent)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=TEMP_SUFFIX))
+    tmp = None
     try:
+        with signals_held():
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=TEMP_SUFFIX))
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = temp_file(path)
+    tmp = None
     try:
+        with signals_held():
+            fd, tmp = temp_file(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         # mkstemp makes the file private (0600); give it the mode open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -178,18 +205,21 @@ def replace_directory(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(target.parent)
     prefix = temp_prefix(target.name)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TEMP_SUFFIX))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide outputs on shared runners
-    old = tmp.with_name(tmp.name[: -len(TEMP_SUFFIX)] + "-old" + TEMP_SUFFIX)
+    tmp = old = None
     try:
+        with signals_held():
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=TEMP_SUFFIX))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide outputs on shared runners
+        old = tmp.with_name(tmp.name[: -len(TEMP_SUFFIX)] + "-old" + TEMP_SUFFIX)
         yield tmp
         if target.exists() or target.is_symlink():
             os.replace(target, old)
         os.replace(tmp, target)
     except BaseException:
-        if old.exists() and not (target.exists() or target.is_symlink()):
+        if old is not None and old.exists() and not (target.exists() or target.is_symlink()):
             os.replace(old, target)  # interrupted between the two renames: put it back
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     _remove_old(old)
 

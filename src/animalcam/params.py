@@ -4,7 +4,7 @@ Every stage reads its settings through :func:`load_params`, which checks the who
 once: unknown keys (with a "did you mean" hint), wrong types and out-of-range values are
 a :class:`~animalcam.errors.ParamsError` naming the key, the value and what is allowed.
 Keys left out of ``params.yaml`` take the defaults below, which reproduce the reference
-study (see docs/DESIGN.md); ``params.yaml`` in the repository spells them all out so that
+study (see docs/design.md); ``params.yaml`` in the repository spells them all out so that
 ``dvc params diff`` shows every change.
 """
 
@@ -172,8 +172,9 @@ class AugmentParams:
     shear: float = 0.2  # shear intensity, either way
     zoom: float = 0.2  # fraction, in or out
     horizontal_flip: bool = True
-    # true: all five in one resampling per image (animalcam.dataset.RandomAffine, about
-    # 5x faster on a CPU); false: Keras' own RandomRotation ... RandomFlip layers in a row.
+    # true: all five in one resampling per image (animalcam.layers.RandomAffine, faster
+    # on a CPU: docs/benchmarks.md); false: Keras' own RandomRotation ... RandomFlip
+    # layers in a row.
     fused: bool = True
 
     def check(self, prefix: str) -> None:
@@ -216,31 +217,22 @@ class TrainParams:
     min_lr: float = 1e-7
     # "auto": float16 compute on a GPU, float32 elsewhere; "on"/"off" force it.
     mixed_precision: Switch = "auto"
-    # XLA for the full model (backbone + head). Off: on a CPU compiling VGG16 costs more
-    # than it saves and the last, smaller batch compiles twice; worth trying on a GPU.
-    xla: bool = False
-    # --- Speed (docs/benchmarks.md). None of these changes what the model learns, except
-    # feature_copies, which sets how much augmentation the head-only epochs see.
-    # "cache": read the prepared-image cache (data/cache, decoded and resized once by the
-    # cache stage); "files": decode and resize the original files every epoch.
-    input: str = "cache"
-    # Images in the shuffle buffer when reading the cache (records are read in sequence,
-    # so the shuffle is a buffer, plus a shuffled shard order); ~150 KB each in memory.
+    # --- Faster paths (docs/benchmarks.md). Each changes the order or the kind of what
+    # the model sees, so each is a dep of train; pure speed switches live in `speed`.
+    # "images": read the images stage's output (data/images, decoded and resized once);
+    # "files": decode and resize the original files every epoch.
+    input: str = "images"
+    # Images in the shuffle buffer when reading data/images (records are read in
+    # sequence, so the shuffle is a buffer, plus a shuffled shard order).
     shuffle_buffer: int = 2048
     # "auto": epochs with a frozen backbone (trainable: head, or warm-up) train the head on
     # backbone features computed once per image, instead of running the backbone every
     # epoch; "off": always run the whole model.
-    feature_cache: Switch = "auto"
+    backbone_features: Switch = "auto"
     # Feature sets computed per training image for those epochs: the first without
     # augmentation, the others with train.augment; epoch e uses set e mod feature_copies.
     # 1 = no augmentation for the head (fastest); each extra copy costs one backbone pass.
     feature_copies: int = 2
-    # XLA for the head-only fast path: a small dense graph that compiles in a second.
-    head_xla: bool = True
-    # tf.data's autotuning of parallelism and buffer sizes (off: fixed, for debugging).
-    autotune: bool = True
-    # With one GPU, stage the next batches in GPU memory while the current one trains.
-    prefetch_to_device: bool = True
 
     def check(self, prefix: str) -> None:
         from animalcam.backbones import BACKBONES  # the registry names the allowed values
@@ -313,13 +305,21 @@ class TrainParams:
             self.class_weight,
             "'none' or 'balanced'",
         )
+        if self.input == "cache":
+            raise ParamsError(
+                f"params.yaml: {prefix}.input: cache was renamed to images; "
+                f"write {prefix}.input: images instead."
+            )
         _check(
-            self.input in ("cache", "files"), f"{prefix}.input", self.input, "'cache' or 'files'"
+            self.input in ("images", "files"),
+            f"{prefix}.input",
+            self.input,
+            "'images' or 'files'",
         )
         _check(
-            self.feature_cache in ("auto", "off"),
-            f"{prefix}.feature_cache",
-            self.feature_cache,
+            self.backbone_features in ("auto", "off"),
+            f"{prefix}.backbone_features",
+            self.backbone_features,
             "'auto' or 'off'",
         )
         _check(
@@ -331,9 +331,9 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class CacheParams:
-    """The prepared-image cache (data/cache): each usable image decoded and resized once,
-    to train.image_size, so that train and evaluate never decode the originals again."""
+class ImagesParams:
+    """The images stage (data/images): each usable image decoded and resized once, to
+    train.image_size, so that train and evaluate never decode the originals again."""
 
     # "raw": uint8 pixels, exactly what the served model computes from the same file, and
     # nothing to decode (the fastest to read). "png": also exact, about half the size,
@@ -341,8 +341,10 @@ class CacheParams:
     # and evaluation then see JPEG-rounded pixels that serving does not. Sizes and
     # speeds: docs/benchmarks.md.
     encoding: str = "raw"
-    quality: int = 95  # JPEG quality; 95 keeps pixels within a few levels of the resize
-    shard_images: int = 1024  # images per TFRecord shard (shuffled shard order per epoch)
+    quality: int = 95  # JPEG quality; 95 keeps pixels close to the resized image
+    # Images per TFRecord shard; the shards' order is shuffled each epoch, so this is
+    # part of the training order (a dep of train through data/images).
+    shard_images: int = 1024
 
     def check(self, prefix: str) -> None:
         _check(
@@ -359,7 +361,6 @@ class CacheParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 64
     top_k: int = 3
     gallery_size: int = 16  # images in each of the correct / incorrect galleries
     calibration_bins: int = 15  # for the expected calibration error
@@ -368,7 +369,6 @@ class EvaluateParams:
         _check_ints(
             self,
             prefix,
-            batch_size=(1, 65_536),
             top_k=(1, 1000),
             gallery_size=(1, 1000),  # images in one figure
             calibration_bins=(1, 1000),
@@ -381,11 +381,8 @@ class ExplainParams:
     n_incorrect: int = 8
     layer: str | None = None  # None: the backbone's last convolutional layer
     alpha: float = 0.4  # heatmap opacity in the overlay
-    batch_size: int = 16
     faithfulness_fraction: float = 0.2  # share of the image blurred in the check
     seed: int = 0  # places the random regions the faithfulness check compares against
-    # XLA for the Grad-CAM step. "auto": on a GPU only (no gain measured on a CPU).
-    xla: Switch = "auto"
 
     def check(self, prefix: str) -> None:
         _check_ints(
@@ -393,7 +390,6 @@ class ExplainParams:
             prefix,
             n_correct=(0, 1000),  # one Grad-CAM panel each
             n_incorrect=(0, 1000),
-            batch_size=(1, 65_536),
             seed=(0, MAX_SEED),
         )
         _check(
@@ -404,13 +400,44 @@ class ExplainParams:
         )
         _check(0 < self.alpha < 1, f"{prefix}.alpha", self.alpha, "a number in (0, 1)")
         _check(
-            self.xla in ("auto", "on", "off"), f"{prefix}.xla", self.xla, "'auto', 'on' or 'off'"
-        )
-        _check(
             0 < self.faithfulness_fraction < 1,
             f"{prefix}.faithfulness_fraction",
             self.faithfulness_fraction,
             "a number in (0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class SpeedParams:
+    """Switches that change how fast a stage runs, not what it computes: no stage lists
+    this section in dvc.yaml, so changing one reruns nothing. The computation is the
+    same; only the last bits of floating-point results may differ (XLA fuses operations,
+    a batch size changes how a matrix product is blocked), as between two machines. The
+    order in which training sees its examples depends on none of them."""
+
+    # train: tf.data's autotuning of parallelism and buffer sizes (off: fixed, for
+    # debugging). The order of the examples is fixed (deterministic maps) either way.
+    autotune: bool = True
+    # train: with one GPU, stage the next batches in GPU memory while one trains.
+    prefetch_to_device: bool = True
+    # train: XLA for the full model (backbone + head). Off: on a CPU, compiling VGG16
+    # costs more than it saves and the last, smaller batch compiles twice.
+    train_xla: bool = False
+    # train: XLA for the epochs that train the head on backbone features (a small dense
+    # graph that compiles quickly).
+    head_xla: bool = True
+    evaluate_batch_size: int = 64  # evaluate: images per forward pass
+    explain_batch_size: int = 16  # explain: images per Grad-CAM and faithfulness pass
+    # explain: XLA for the Grad-CAM step. "auto": on a GPU only.
+    explain_xla: Switch = "auto"
+
+    def check(self, prefix: str) -> None:
+        _check_ints(self, prefix, evaluate_batch_size=(1, 65_536), explain_batch_size=(1, 65_536))
+        _check(
+            self.explain_xla in ("auto", "on", "off"),
+            f"{prefix}.explain_xla",
+            self.explain_xla,
+            "'auto', 'on' or 'off'",
         )
 
 
@@ -442,14 +469,30 @@ class MlflowParams:
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
-    cache: CacheParams = field(default_factory=CacheParams)
+    images: ImagesParams = field(default_factory=ImagesParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
+    speed: SpeedParams = field(default_factory=SpeedParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
-# The repository's params.yaml is 3 KB; anything this large is not a settings file.
+# Keys that moved, old -> new: a params.yaml (or a `dvc exp run -S`) still using an old
+# one gets one line naming the new key instead of "unknown key".
+RENAMED = {
+    "cache": "images",
+    "train.feature_cache": "train.backbone_features",
+    "train.autotune": "speed.autotune",
+    "train.prefetch_to_device": "speed.prefetch_to_device",
+    "train.xla": "speed.train_xla",
+    "train.head_xla": "speed.head_xla",
+    "evaluate.batch_size": "speed.evaluate_batch_size",
+    "explain.batch_size": "speed.explain_batch_size",
+    "explain.xla": "speed.explain_xla",
+}
+
+
+# params.yaml holds a few kilobytes; anything this large is not a settings file.
 MAX_FILE_BYTES = 1 << 20
 
 
@@ -520,6 +563,8 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if _join(prefix, key) in RENAMED:
+            raise ParamsError(_renamed(_join(prefix, key)))
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -535,6 +580,17 @@ def _build(cls: type, raw: object, prefix: str) -> Any:
         obj.check(prefix)
     _check_limits(obj, prefix)
     return obj
+
+
+def _renamed(old: str) -> str:
+    new = RENAMED[old]
+    if "." not in old:
+        return f"params.yaml: the section {old} was renamed to {new}; rename it there."
+    where = new.rsplit(".", 1)[0]
+    return (
+        f"params.yaml: {old} was renamed to {new}; move it to the {where} section "
+        f"(dvc exp run -S {new}=...)."
+    )
 
 
 def _check_limits(obj: object, prefix: str) -> None:
@@ -596,7 +652,7 @@ def _convert(hint: Any, value: object, key: str) -> Any:
             return value
         if option is Switch and isinstance(value, str):
             return value
-        # YAML 1.1 reads a bare on/off (as `dvc exp run -S train.feature_cache=off` writes
+        # YAML 1.1 reads a bare on/off (as `dvc exp run -S train.backbone_features=off` writes
         # it) as true/false; for a switch those mean "on" and "off", which the section's
         # check then accepts or refuses with the allowed values.
         if option is Switch and isinstance(value, bool):

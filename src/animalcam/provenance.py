@@ -1,8 +1,8 @@
 """Where a run comes from: git state, DVC hashes, package versions, devices, execution.
 
 What :mod:`animalcam.tracking` tags every MLflow run with, and the *execution key* that
-lets the separate processes of one ``dvc repro`` find the same parent run. Nothing here
-talks to MLflow.
+lets the separate processes of one ``dvc repro`` find the same parent run
+(:mod:`animalcam.run_grouping`). Nothing here talks to MLflow.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import logging
 import os
 import platform
 import socket
@@ -20,11 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
-import yaml
 
 from animalcam import environment
-
-log = logging.getLogger(__name__)
+from animalcam.dvc_files import declared_stage, lock_hash, lock_outs, read_dvc_lock
 
 
 def git_state(workspace: str | Path = ".") -> dict[str, str]:
@@ -91,29 +88,6 @@ def devices_used() -> str:
     return ", ".join(d.name.replace("/physical_device:", "") for d in devices) or "none"
 
 
-def read_dvc_lock(workspace: str | Path = ".") -> dict:
-    """``dvc.lock`` as a dict (empty when missing or unreadable)."""
-    return _read_yaml(Path(workspace) / "dvc.lock")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, yaml.YAMLError) as exc:
-        log.warning("Cannot read %s (%s); DVC hashes are not recorded.", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def stage_deps(stage: str, workspace: str | Path = ".") -> list[str]:
-    """The ``deps`` of ``stage`` in ``dvc.yaml`` (empty without one)."""
-    stages = _read_yaml(Path(workspace) / "dvc.yaml").get("stages") or {}
-    deps = (stages.get(stage) or {}).get("deps") or []
-    return [str(dep) for dep in deps if isinstance(dep, str)]
-
-
 def path_version(path: str, workspace: str | Path = ".", lock: dict | None = None) -> str:
     """A content version of ``path`` (file or directory), as DVC names it when it can.
 
@@ -126,18 +100,18 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
     """
     lock = read_dvc_lock(workspace) if lock is None else lock
     target = Path(workspace) / path
-    entry = _lock_outs(lock).get(path.rstrip("/"))
+    entry = lock_outs(lock).get(path.rstrip("/"))
     if not target.exists():
         return "missing"
     if target.is_file():
-        if entry and entry.get("size") == target.stat().st_size and _lock_hash(entry):
-            return _lock_hash(entry)
+        if entry and entry.get("size") == target.stat().st_size and lock_hash(entry):
+            return lock_hash(entry)
         return _md5_file(target)
     files = sorted(p for p in target.rglob("*") if p.is_file())
-    if entry and _lock_hash(entry):
+    if entry and lock_hash(entry):
         size = sum(p.stat().st_size for p in files)
         if entry.get("nfiles") == len(files) and entry.get("size") == size:
-            return _lock_hash(entry)
+            return lock_hash(entry)
     manifests = [p for p in files if p.parent == target and p.suffix in (".csv", ".json")]
     digest = hashlib.md5(usedforsecurity=False)
     if manifests:
@@ -148,20 +122,6 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
     for p in files:
         digest.update(f"{p.relative_to(target).as_posix()}\0{p.stat().st_size}\n".encode())
     return f"listing:{digest.hexdigest()}"
-
-
-def _lock_outs(lock: dict) -> dict[str, dict]:
-    outs = {}
-    for entry in (lock.get("stages") or {}).values():
-        for out in (entry or {}).get("outs") or []:
-            if isinstance(out, dict) and "path" in out:
-                outs[str(out["path"]).rstrip("/")] = out
-    return outs
-
-
-def _lock_hash(entry: dict) -> str | None:
-    value = entry.get(entry.get("hash", "md5")) or entry.get("md5")
-    return str(value) if value else None
 
 
 def _md5_file(path: Path) -> str:
@@ -177,7 +137,7 @@ def input_hash_tags(stage: str, workspace: str | Path = ".") -> dict[str, str]:
     lock = read_dvc_lock(workspace)
     return {
         safe_key(f"dvc.deps.{dep}"): path_version(dep, workspace, lock)
-        for dep in stage_deps(stage, workspace)
+        for dep in declared_stage(stage, workspace).deps
     }
 
 

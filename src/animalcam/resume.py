@@ -1,6 +1,6 @@
 """Resume state for training: continue a killed run from its last finished epoch.
 
-After every epoch :class:`ResumeCallback` writes, into a state directory that is NOT a
+After every epoch animalcam.resume_store's callback writes, into a state directory that is NOT a
 DVC output (``.train_state/`` at the repository root, git-ignored, so that ``dvc repro``
 does not wipe it when it reruns the stage):
 
@@ -28,13 +28,10 @@ directory once its outputs are written.
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import hashlib
 import json
 import logging
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,6 +44,7 @@ import tensorflow as tf
 
 from animalcam.dataset import Manifest
 from animalcam.errors import StateError
+from animalcam.fingerprints import changed_keys, code_digest
 from animalcam.outputs import write_json
 
 log = logging.getLogger(__name__)
@@ -91,10 +89,10 @@ def fingerprint(
     """What must not change for a saved state to be resumed: params, data, code, libraries.
 
     The data part hashes each split's paths, labels and file sizes (not the pixels:
-    hashing 26k images would cost more than it protects; DVC already reruns the stage
-    when the prepared data change). The code part hashes the modules that train (see
-    :func:`code_digests`); the libraries part names the versions of those that compute
-    and store the weights.
+    hashing every image would cost more than it protects; DVC already reruns the stage
+    when the prepared data change). The code part hashes the training module and the
+    animalcam modules it imports (animalcam.fingerprints.code_digest); the libraries
+    part names the versions of those that compute and store the weights.
     """
     data = hashlib.sha256()
     data.update(json.dumps(list(class_names)).encode())
@@ -106,41 +104,9 @@ def fingerprint(
         "format": FORMAT,
         "params": train_params,
         "data": data.hexdigest(),
-        "code": code_digests(),
+        "code": code_digest(TRAINING_MODULE),
         "libraries": library_versions(),
     }
-
-
-def code_digests() -> dict[str, str]:
-    """``{"training.py": sha256, ...}`` over the training module and every animalcam
-    module it imports, directly or not (found by reading their import statements)."""
-    package = Path(__file__).resolve().parent
-    todo, seen = [TRAINING_MODULE], set()
-    while todo:
-        name = todo.pop()
-        if name not in seen and (package / f"{name}.py").is_file():
-            seen.add(name)
-            todo.extend(_imported_modules(package / f"{name}.py"))
-    return {
-        f"{name}.py": hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest()
-        for name in sorted(seen)
-    }
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Names of the animalcam modules ``path`` imports, at the top or inside functions."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_bytes())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            parts = node.module.split(".")
-            if parts[0] == "animalcam":  # from animalcam[.x] import y
-                names.update(parts[1:2] or [alias.name for alias in node.names])
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "animalcam" and len(parts) > 1:
-                    names.add(parts[1])
-    return names
 
 
 def library_versions() -> dict[str, str]:
@@ -301,26 +267,21 @@ def _mismatch(saved: dict[str, Any], expected: dict[str, Any]) -> str:
     if saved.get("format") != expected["format"]:
         return f"it was written in format {saved.get('format')}, this code uses {FORMAT}"
     if saved.get("code") != expected["code"]:
-        changed = _changed_keys(saved.get("code"), expected["code"])
+        changed = changed_keys(saved.get("code"), expected["code"])
         return "the training code changed since it was saved (" + ", ".join(changed) + ")"
     if saved.get("libraries") != expected["libraries"]:
         old = saved.get("libraries") if isinstance(saved.get("libraries"), dict) else {}
         changed = [
             f"{name} {old.get(name)} -> {expected['libraries'].get(name)}"
-            for name in _changed_keys(old, expected["libraries"])
+            for name in changed_keys(old, expected["libraries"])
         ]
         return "library versions changed (" + ", ".join(changed) + ")"
     if saved.get("params") != expected["params"]:
-        changed = _changed_keys(saved.get("params"), expected["params"])
+        changed = changed_keys(saved.get("params"), expected["params"])
         return "train params changed (" + ", ".join(f"train.{k}" for k in changed) + ")"
     if saved.get("data") != expected["data"]:
         return "the prepared data changed (train.csv, val.csv, classes.json or image files)"
     return ""
-
-
-def _changed_keys(old: Any, new: dict[str, Any]) -> list[str]:
-    old = old if isinstance(old, dict) else {}
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def save_state(state_dir: str | Path, state: TrainingState) -> None:
@@ -353,126 +314,3 @@ def clear_state(state_dir: str | Path) -> None:
             f"cannot delete the resume state {state_dir} ({exc.strerror or exc}); delete it "
             f"by hand (rm -rf {state_dir}) and run again."
         ) from None
-
-
-class ResumeCallback(keras.callbacks.Callback):
-    """Saves a :class:`TrainingState` after every epoch and restores callback counters.
-
-    Put it after ModelCheckpoint, EarlyStopping and ReduceLROnPlateau in the callback
-    list: its ``on_train_begin`` must run after theirs (which reset their counters) and
-    its ``on_epoch_end`` after theirs (so it saves what they decided this epoch).
-    ``resuming`` says whether this fit continues a phase part-way (restore every
-    counter) or starts a phase (keep the best values, restart the patience counters).
-    """
-
-    def __init__(
-        self,
-        state_dir: Path,
-        state: TrainingState,
-        *,
-        checkpoint: keras.callbacks.ModelCheckpoint,
-        early_stopping: keras.callbacks.EarlyStopping,
-        reduce_lr: keras.callbacks.ReduceLROnPlateau,
-        phase_end: int,
-        next_phase: str,
-        resuming: bool,
-        wall_clock_start: float,
-        wall_time_before: float,
-    ):
-        super().__init__()
-        self.state_dir = state_dir
-        self.state = state
-        self.checkpoint = checkpoint
-        self.early_stopping = early_stopping
-        self.reduce_lr = reduce_lr
-        self.phase_end = phase_end
-        self.next_phase = next_phase
-        self.resuming = resuming
-        self.wall_clock_start = wall_clock_start
-        self.wall_time_before = wall_time_before
-        self._epoch_start = 0.0
-        self._train_seconds = 0.0
-        self._lr = 0.0
-        self._first_epoch_of_fit = True
-        self._best_before: float | None = None
-
-    def on_train_begin(self, logs=None):
-        saved = self.state.callbacks
-        es, rlr = saved.get("early_stopping", {}), saved.get("reduce_lr", {})
-        if self.state.best_val_loss is not None:
-            self.checkpoint.best = self.state.best_val_loss
-        if es:
-            self.early_stopping.best = es["best"]
-            self.early_stopping.best_epoch = es["best_epoch"]
-        if rlr:
-            self.reduce_lr.best = rlr["best"]
-        if self.resuming:
-            self.early_stopping.wait = es.get("wait", 0)
-            self.reduce_lr.wait = rlr.get("wait", 0)
-            self.reduce_lr.cooldown_counter = rlr.get("cooldown_counter", 0)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.monotonic()
-        self._train_seconds = 0.0
-        self._lr = _learning_rate(self.model)
-        self._best_before = self.checkpoint.best
-
-    def on_test_begin(self, logs=None):
-        # Validation starts: the training part of the epoch is over.
-        self._train_seconds = time.monotonic() - self._epoch_start
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        train_seconds = self._train_seconds or (time.monotonic() - self._epoch_start)
-        done = epoch + 1
-        row = {"epoch": done, **{k: float(v) for k, v in logs.items() if k != "learning_rate"}}
-        row["lr"] = self._lr
-        # Timing rides along in the state (not in history.csv, which stays reproducible);
-        # the first epoch of a fit also traces the graph, so throughput skips it.
-        row["train_seconds"] = train_seconds
-        row["first_of_fit"] = float(self._first_epoch_of_fit)
-        self._first_epoch_of_fit = False
-
-        state = self.state
-        state.history = [r for r in state.history if r["epoch"] < done] + [row]
-        state.epochs_done = done
-        if self.checkpoint.best is not None and self.checkpoint.best != self._best_before:
-            state.best_weights = BEST_PATTERN.format(epoch=done)
-            state.best_epoch = done
-            state.best_val_loss = float(self.checkpoint.best)
-        latest = f"epoch-{done:03d}.weights.h5"
-        self.model.save_weights(self.state_dir / latest)
-        state.latest_weights = latest
-        state.callbacks = {
-            "early_stopping": {
-                "best": _float_or_none(self.early_stopping.best),
-                "best_epoch": int(self.early_stopping.best_epoch),
-                "wait": int(self.early_stopping.wait),
-            },
-            "reduce_lr": {
-                "best": _float_or_none(self.reduce_lr.best),
-                "wait": int(self.reduce_lr.wait),
-                "cooldown_counter": int(self.reduce_lr.cooldown_counter),
-            },
-        }
-        # The phase is over when EarlyStopping (which ran before us) stopped it or its
-        # last epoch is done; record that now, so a kill right after this save does not
-        # rerun a stopped phase.
-        if self.model.stop_training or done >= self.phase_end:
-            if self.next_phase == "done":  # a warmup stopped early still leads to "main"
-                state.stopped_early = bool(self.model.stop_training) and done < self.phase_end
-            state.phase = self.next_phase
-            state.phase_start = done
-        state.wall_time_s = self.wall_time_before + (time.monotonic() - self.wall_clock_start)
-        save_state(self.state_dir, state)
-
-
-def _learning_rate(model: keras.Model) -> float:
-    # The variable is float32: 1e-4 reads back as 9.99999974e-05; report what was meant.
-    return float(f"{float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)):.6g}")
-
-
-def _float_or_none(value) -> float | None:
-    with contextlib.suppress(TypeError, ValueError):
-        return None if value is None else float(value)
-    return None

@@ -20,7 +20,9 @@ Out: a DataFrame with ``label`` (class name), ``confidence`` (its probability) a
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}))
 
 The saved model carries the animalcam package as code (``code_paths``), so loading it
-needs TensorFlow and MLflow, not a checkout of this repository.
+needs TensorFlow and MLflow, not a checkout of this repository. The train stage logs it
+to its MLflow run (:func:`log_pyfunc_model`, through :mod:`animalcam.model_registry`);
+:func:`save_pyfunc_model` writes it to a folder without any tracking store.
 """
 
 from __future__ import annotations
@@ -217,20 +219,16 @@ def pip_requirements() -> list[str]:
 def log_pyfunc_model(
     model_path: str | Path,
     *,
-    registered_name: str | None = None,
     example_image: str | Path | None = None,
     name: str = "model",
 ) -> mlflow.models.model.ModelInfo:
     """Log ``model_path`` (.keras) as an :class:`ImageClassifier` pyfunc in the active run.
 
-    With ``registered_name`` the model is also registered (a new version). Returns MLflow's
-    ModelInfo (``.model_uri``, ``.registered_model_version``).
+    ``example_image``: an image file for the input example (default: a synthetic PNG).
+    Returns MLflow's ModelInfo (``.model_uri``); registering a version of it is
+    :func:`animalcam.model_registry.register_model_version`.
     """
-    return mlflow.pyfunc.log_model(
-        name=name,
-        registered_model_name=registered_name,
-        **_pyfunc_arguments(model_path, example_image),
-    )
+    return mlflow.pyfunc.log_model(name=name, **_pyfunc_arguments(model_path, example_image))
 
 
 def save_pyfunc_model(

@@ -1,0 +1,178 @@
+"""The one batch builder: examples by index in, batches for Keras out.
+
+Every input of the pipeline (decoded image files, the image cache's records, backbone
+feature vectors) is an :class:`Examples` adapter: ``n`` examples, each an ``(x, class
+index)`` pair, that it can list in index order or shuffled by ``(seed, epoch)``. The
+builder does the rest once for all of them: labels (one-hot, or dropped for inference),
+batching, augmentation, epochs back to back, cardinality, prefetch and tf.data's
+autotuning. :class:`BatchSettings` carries what it needs.
+
+- :func:`ordered_batches`: one pass in index order (validation, evaluation, inference,
+  the backbone feature pass).
+- :func:`epoch_batches`: training epochs ``first .. end - 1``; epoch ``e`` depends on
+  ``(seed, e)`` only, so a run resumed at epoch ``e`` sees the batches an uninterrupted
+  run would have seen there.
+
+An adapter overrides one small function: :class:`IndexedExamples` takes a tensor of
+indices (files, features, shuffled with a stateless permutation); a source that can
+only be read in sequence (the cache's TFRecords) implements both orders itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+from animalcam.params import TrainParams
+
+UNLABELLED = -1  # the class index of an example whose class is unknown (inference)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What the builder needs besides the examples."""
+
+    batch_size: int  # global batch: Keras splits it across replicas
+    seed: int = 0  # with the epoch, fixes each epoch's order
+    # Records in the shuffle buffer of a source read in sequence (the cache); sources
+    # read by index shuffle all of their examples.
+    shuffle_buffer: int = 2048
+    autotune: bool = True  # tf.data's autotuning of parallelism and buffers (speed.autotune)
+
+    @classmethod
+    def for_training(cls, params: TrainParams, autotune: bool = True) -> BatchSettings:
+        """The settings in ``train`` params."""
+        return cls(params.batch_size, params.seed, params.shuffle_buffer, autotune)
+
+
+class Examples(ABC):
+    """``len(self)`` examples, each ``(x, class index)``, listed in two orders."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def in_order(self) -> tf.data.Dataset:
+        """Every example once, in index order."""
+
+    @abstractmethod
+    def shuffled(self, settings: BatchSettings, epoch: int) -> tf.data.Dataset:
+        """Every example once, in an order fixed by ``(settings.seed, epoch)`` alone."""
+
+
+class IndexedExamples(Examples):
+    """Examples read by index: both orders come from :meth:`take`."""
+
+    @abstractmethod
+    def take(self, order: tf.Tensor, epoch: int) -> tf.data.Dataset:
+        """The examples at ``order`` (int64 indices), in that order, for ``epoch``."""
+
+    def in_order(self) -> tf.data.Dataset:
+        return self.take(tf.range(len(self), dtype=tf.int64), 0)
+
+    def shuffled(self, settings: BatchSettings, epoch: int) -> tf.data.Dataset:
+        return self.take(permutation(len(self), settings.seed, epoch), epoch)
+
+
+def permutation(n: int, seed: int, epoch: int) -> tf.Tensor:
+    """A permutation of ``range(n)`` that depends on ``(seed, epoch)`` only.
+
+    Stateless: not on how many epochs this process has already iterated (which a
+    resumed run changes).
+    """
+    pair = tf.constant([seed, epoch], tf.int64)
+    return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=pair)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Batches in one epoch; the last one may be smaller."""
+    return -(-n_examples // batch_size)
+
+
+def ordered_batches(
+    examples: Examples,
+    settings: BatchSettings,
+    *,
+    num_classes: int | None = None,
+    labels: bool = True,
+    augment: keras.Sequential | None = None,
+) -> tf.data.Dataset:
+    """One pass over ``examples`` in index order, batched and prefetched.
+
+    Yields ``(x, labels)`` (one-hot float32 when ``num_classes`` is given, else class
+    indices) or, with ``labels=False``, ``x`` only. ``augment`` is applied to each
+    batch in training mode.
+    """
+    ds = _labelled(examples.in_order().batch(settings.batch_size), num_classes, labels, augment)
+    steps = steps_per_epoch(len(examples), settings.batch_size)
+    return _finish(ds, steps, settings)
+
+
+def epoch_batches(
+    examples: Examples,
+    settings: BatchSettings,
+    *,
+    first_epoch: int,
+    end_epoch: int,
+    num_classes: int,
+    augment: keras.Sequential | None = None,
+) -> tf.data.Dataset:
+    """Shuffled training batches ``(x, one-hot labels)`` for epochs ``first_epoch ..
+    end_epoch - 1``, back to back: ``steps_per_epoch(len(examples), batch_size)`` an
+    epoch, epochs never mixed in one batch. Feed it to ``Model.fit`` with that
+    ``steps_per_epoch`` so that Keras keeps one iterator across epochs."""
+    # Epochs as Python ints, chained: a shuffle buffer's seed must be a Python int. Each
+    # epoch gets its own augmentation map, whose seeded draws start afresh: so epoch e's
+    # batches are the same whether the run started at epoch 0 or resumed at e (the draws
+    # land on other images each epoch, since the order changes).
+    epochs = range(first_epoch, max(end_epoch, first_epoch + 1))
+    ds = functools.reduce(
+        tf.data.Dataset.concatenate,
+        (
+            _labelled(
+                examples.shuffled(settings, e).batch(settings.batch_size),
+                num_classes,
+                True,
+                augment,
+            )
+            for e in epochs
+        ),
+    )
+    n_epochs = max(end_epoch - first_epoch, 0)
+    if n_epochs == 0:
+        ds = ds.take(0)
+    steps = steps_per_epoch(len(examples), settings.batch_size) * n_epochs
+    return _finish(ds, steps, settings)
+
+
+def _labelled(ds, num_classes, labels, augment) -> tf.data.Dataset:
+    """Labels (one-hot, indices or dropped) and augmentation of a stream of batches."""
+
+    def label(x, y):
+        if not labels:
+            return x
+        if num_classes is None:
+            return x, y
+        return x, tf.one_hot(y, num_classes, dtype=tf.float32)
+
+    ds = ds.map(label, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if augment is not None:
+
+        def transform(x, *y):
+            return (augment(x, training=True), *y) if y else augment(x, training=True)
+
+        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
+
+
+def _finish(ds, steps, settings) -> tf.data.Dataset:
+    """Cardinality, prefetch and autotuning of a stream of batches."""
+    # Sources read in sequence have no known length; Keras needs it to end a pass cleanly.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = settings.autotune
+    return ds.with_options(options)

@@ -34,11 +34,12 @@ from archive_factory import (
 )
 from tqdm import tqdm
 
-from animalcam import download
+from animalcam import download, kaggle_redaction, kaggle_source, local_source, raw_data
 from animalcam.archives import Member, extract_member, safe_member_path
 from animalcam.errors import (
     CredentialsError,
     DataError,
+    DownloadError,
     SourceNotFoundError,
     UnsafeArchiveError,
 )
@@ -50,7 +51,7 @@ def nothing_left(work: Path) -> bool:
     return not (work / "data").exists() or os.listdir(work / "data") == []
 
 
-def fetch(source: str | Path, **kwargs) -> download.RawData:
+def fetch(source: str | Path, **kwargs) -> raw_data.RawData:
     stamp = kwargs.pop("stamp", None)
     return download.download_dataset(DataParams(source=str(source), **kwargs), "data/raw", stamp)
 
@@ -331,7 +332,7 @@ def http_error(status: int) -> requests.HTTPError:
 def fake_kaggle(monkeypatch):
     def install(**kwargs) -> FakeKaggleApi:
         api = FakeKaggleApi(**kwargs)
-        monkeypatch.setattr(download, "_new_kaggle_api", lambda: api)
+        monkeypatch.setattr(kaggle_source, "_new_kaggle_api", lambda: api)
         monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
         monkeypatch.delenv("KAGGLE_KEY", raising=False)
         return api
@@ -393,7 +394,7 @@ def test_unknown_kaggle_dataset(work, fake_kaggle):
 
 def test_network_failure_is_one_clear_line(work, fake_kaggle):
     fake_kaggle(download_error=requests.ConnectionError("Max retries exceeded\nwith url"))
-    with pytest.raises(download.DownloadError, match="Could not reach Kaggle") as err:
+    with pytest.raises(DownloadError, match="Could not reach Kaggle") as err:
         fetch("kaggle")
     assert "\n" not in str(err.value)
     assert os.listdir(work / "data") == []
@@ -405,10 +406,10 @@ def test_real_kaggle_without_credentials(tmp_path):
     env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / ".config"))
     code = (
         "from pathlib import Path\n"
-        "from animalcam import download\n"
+        "from animalcam import kaggle_source\n"
         "from animalcam.errors import CredentialsError\n"
         "try:\n"
-        "    download.download_kaggle_zip('alessiocorrado99/animals10', Path('.'))\n"
+        "    kaggle_source.download_kaggle_zip('alessiocorrado99/animals10', Path('.'))\n"
         "except CredentialsError as exc:\n"
         "    print('CredentialsError:', exc)\n"
     )
@@ -608,7 +609,7 @@ def test_archive_larger_than_the_free_space_is_refused_before_unpacking(
         asked.append(Path(path).resolve())
         return shutil._ntuple_diskusage(10**12, 10**12 - 20_000_000, 20_000_000)
 
-    monkeypatch.setattr(download.shutil, "disk_usage", usage)
+    monkeypatch.setattr(raw_data.shutil, "disk_usage", usage)
     message = refused(work, archive, error=DataError)
     assert "of disk space for data/raw" in message and "only 19.1 MB is free" in message
     assert asked and asked[0] in (work.resolve(), (work / "data").resolve())
@@ -667,7 +668,7 @@ def test_source_that_is_no_file_is_refused_unread(work, tmp_path, no_hang, kind,
     assert words in str(err.value) and "nothing was read from it" in str(err.value)
     assert not (work / "data").exists()
     # Nor does the fingerprint open it (a FIFO would block until a writer came).
-    assert "special" in download.local_fingerprint(str(source), source)
+    assert "special" in local_source.local_fingerprint(str(source), source)
 
 
 def test_dangling_link_source_says_where_it_points(work, tmp_path):
@@ -710,7 +711,7 @@ def assert_no_secret(*texts: str) -> None:
 
 def test_kaggle_client_output_is_logged_redacted(work, fake_kaggle, monkeypatch, capsys, caplog):
     api = ChattyKaggleApi()
-    monkeypatch.setattr(download, "_new_kaggle_api", lambda: api)
+    monkeypatch.setattr(kaggle_source, "_new_kaggle_api", lambda: api)
     monkeypatch.setenv("KAGGLE_API_TOKEN", TOKEN)
 
     with caplog.at_level(logging.INFO, logger="animalcam"):
@@ -744,7 +745,7 @@ def test_kaggle_errors_never_carry_secrets(work, fake_kaggle, monkeypatch, capsy
     api.config_values.update(key=KEY)
     monkeypatch.setenv("KAGGLE_KEY", KEY)
     monkeypatch.setenv("KAGGLE_API_TOKEN", TOKEN)
-    with pytest.raises(download.DownloadError) as err:
+    with pytest.raises(DownloadError) as err:
         fetch("kaggle")
     message = str(err.value)
     assert "\n" not in message and "[redacted]" in message
@@ -766,8 +767,8 @@ def test_kaggle_errors_never_carry_secrets(work, fake_kaggle, monkeypatch, capsy
     ],
 )
 def test_redact_hides_credentials(text):
-    assert KEY not in download.redact(text, [KEY])
-    assert download.redact("Dataset URL: https://www.kaggle.com/datasets/a/b") == (
+    assert KEY not in kaggle_redaction.redact(text, [KEY])
+    assert kaggle_redaction.redact("Dataset URL: https://www.kaggle.com/datasets/a/b") == (
         "Dataset URL: https://www.kaggle.com/datasets/a/b"
     )
 

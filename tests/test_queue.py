@@ -29,8 +29,9 @@ TINY = {
         "dense_units": 8,
         "top_k": 2,
     },
-    "evaluate": {"batch_size": 8, "top_k": 2, "gallery_size": 2},
-    "explain": {"n_correct": 1, "n_incorrect": 1, "batch_size": 2},
+    "evaluate": {"top_k": 2, "gallery_size": 2},
+    "explain": {"n_correct": 1, "n_incorrect": 1},
+    "speed": {"evaluate_batch_size": 8, "explain_batch_size": 2},
 }
 QUEUE_TIMEOUT_S = 300
 

@@ -22,7 +22,7 @@ from archive_factory import (
     write_folder,
 )
 
-from animalcam import download
+from animalcam import download, folder_source, raw_data
 from animalcam.errors import DataError
 from animalcam.params import DataParams
 
@@ -37,7 +37,7 @@ def source(tmp_path) -> Path:
     return write_folder(tmp_path / "animals10", kaggle_files())
 
 
-def fetch(folder: Path) -> download.RawData:
+def fetch(folder: Path) -> raw_data.RawData:
     return download.download_dataset(DataParams(source=str(folder)), "data/raw", STAMP)
 
 
@@ -135,14 +135,14 @@ def test_names_that_are_not_utf8_are_skipped(work, source):
 
 
 def test_unreadable_file_is_skipped(work, source, monkeypatch):
-    real_open = download._open_source
+    real_open = folder_source._open_source
 
     def refuse(path):
         if path.name == "1.jpg" and path.parent.name == "gatto":
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path)
 
-    monkeypatch.setattr(download, "_open_source", refuse)
+    monkeypatch.setattr(folder_source, "_open_source", refuse)
     raw = fetch(source)
     assert "gatto/1.jpg" not in read_tree(work / "data/raw")
     assert raw.classes == {"cane": 2, "gatto": 1, "ragno": 2}
@@ -201,7 +201,7 @@ def test_nothing_readable_is_one_error_and_nothing_left(work, source, monkeypatc
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(download, "_open_source", refuse)
+    monkeypatch.setattr(folder_source, "_open_source", refuse)
     with pytest.raises(
         DataError,
         match=r"none of the 6 files .* could be read \(6 entries skipped \(6 unreadable\)",
@@ -237,17 +237,17 @@ def test_too_many_files_stop_the_scan(work, source):
 def test_file_growing_while_copied_is_skipped(tmp_path):
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x" * 100)
-    scanned = download.SourceFile(path, size=10, mtime_ns=0, mode=0o100644)
+    scanned = folder_source.SourceFile(path, size=10, mtime_ns=0, mode=0o100644)
     target = tmp_path / "out/a.jpg"
-    assert download.copy_source_file(scanned, target) == "changed_while_copying"
+    assert folder_source.copy_source_file(scanned, target) == "changed_while_copying"
     assert not target.exists()
 
 
 def test_file_swapped_for_a_fifo_after_the_scan_is_not_read(tmp_path, no_hang):
     path = tmp_path / "a.jpg"
     os.mkfifo(path)
-    scanned = download.SourceFile(path, size=10, mtime_ns=0, mode=0o100644)
-    assert download.copy_source_file(scanned, tmp_path / "out.jpg") == "special_file"
+    scanned = folder_source.SourceFile(path, size=10, mtime_ns=0, mode=0o100644)
+    assert folder_source.copy_source_file(scanned, tmp_path / "out.jpg") == "special_file"
 
 
 def test_stage_copies_a_hostile_folder_and_warns_once(tmp_path, source, mlflow_db):

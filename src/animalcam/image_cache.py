@@ -36,6 +36,7 @@ import tensorflow as tf
 from animalcam.batches import BatchSettings, Examples, permutation
 from animalcam.dataset import FileExamples, Manifest, load_image, read_classes, read_manifest
 from animalcam.errors import DataError, SourceNotFoundError
+from animalcam.fingerprints import describe_changes, digest
 from animalcam.outputs import replace_directory, write_json
 from animalcam.params import ImagesParams
 
@@ -170,18 +171,13 @@ def open_split(
     """
     cache_dir = Path(cache_dir)
     index = _read_index(cache_dir)
-    if index["format"] != FORMAT or split not in index["splits"]:
-        raise DataError(f"{cache_dir} was written by another version of animalcam; {_REBUILD}.")
-    if index["image_size"] != image_size:
+    entry = index["splits"].get(split, {"paths": None})
+    built = _built_from(index.get("format"), index["image_size"], entry["paths"])
+    changes = describe_changes(built, _built_from(FORMAT, image_size, list(manifest.paths)))
+    if changes:
         raise DataError(
-            f"{cache_dir} holds {index['image_size']} px images but {image_size} px are "
-            f"needed; {_REBUILD}."
-        )
-    entry = index["splits"][split]
-    if tuple(entry["paths"]) != tuple(manifest.paths):
-        raise DataError(
-            f"{cache_dir} was built from another {split} split than the current manifest; "
-            f"{_REBUILD}."
+            f"{cache_dir} was not built for this {split} split (differs: {changes}; it holds "
+            f"{index['image_size']} px images, {image_size} px are needed); {_REBUILD}."
         )
     for name, size in zip(entry["shards"], entry["shard_bytes"], strict=True):
         shard = cache_dir / name
@@ -196,6 +192,12 @@ def open_split(
         image_size=image_size,
         encoding=index["encoding"],
     )
+
+
+def _built_from(format_: object, image_size: object, paths: object) -> dict:
+    """What a split of the store is built from, compared with
+    :func:`animalcam.fingerprints.describe_changes` (the paths as one digest)."""
+    return {"format": format_, "image_size": image_size, "paths": digest(paths)}
 
 
 def _read_index(cache_dir: Path) -> dict:

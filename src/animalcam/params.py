@@ -49,6 +49,14 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         )
 
 
+def _check_choice(section: object, prefix: str, name: str, choices) -> None:
+    """``section.name`` is one of ``choices``; the message lists them, quoted."""
+    value = getattr(section, name)
+    quoted = [f"'{choice}'" for choice in choices]
+    allowed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    _check(value in choices, f"{prefix}.{name}", value, allowed)
+
+
 def _check_ints(obj: object, prefix: str, **ranges: tuple[int, int]) -> None:
     """Each named integer field of ``obj`` within its [low, high]."""
     for name, (low, high) in ranges.items():
@@ -235,26 +243,34 @@ class TrainParams:
     feature_copies: int = 2
 
     def check(self, prefix: str) -> None:
+        self._check_model(prefix)
+        self._check_optimizer(prefix)
+        self._check_inputs(prefix)
+
+    def _check_model(self, prefix: str) -> None:
         from animalcam.backbones import BACKBONES  # the registry names the allowed values
 
-        _check(
-            self.backbone in BACKBONES,
-            f"{prefix}.backbone",
-            self.backbone,
-            "one of " + ", ".join(sorted(BACKBONES)),
-        )
+        _check_choice(self, prefix, "backbone", sorted(BACKBONES))
         _check(
             _is_clean_text(self.weights, MAX_PATH_CHARS),
             f"{prefix}.weights",
             self.weights,
             "'imagenet', 'none' or a path to a weights file (no control characters)",
         )
-        _check(
-            self.preprocessing in ("backbone", "rescale"),
-            f"{prefix}.preprocessing",
-            self.preprocessing,
-            "'backbone' or 'rescale'",
+        _check_choice(self, prefix, "preprocessing", ("backbone", "rescale"))
+        _check_choice(self, prefix, "mixed_precision", ("auto", "on", "off"))
+        blocks = len(BACKBONES[self.backbone].blocks)
+        trainable_ok = self.trainable in ("all", "head") or (
+            isinstance(self.trainable, int) and 1 <= self.trainable <= blocks
         )
+        _check(
+            trainable_ok,
+            f"{prefix}.trainable",
+            self.trainable,
+            f"'all', 'head', or a number of top blocks of {self.backbone} in [1, {blocks}]",
+        )
+
+    def _check_optimizer(self, prefix: str) -> None:
         # Upper bounds far above any real use, below what exhausts memory or overflows.
         _check_ints(
             self,
@@ -283,51 +299,22 @@ class TrainParams:
         for name in ("dropout", "label_smoothing"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"{prefix}.{name}", value, "a number in [0, 1)")
-        blocks = len(BACKBONES[self.backbone].blocks)
-        trainable_ok = self.trainable in ("all", "head") or (
-            isinstance(self.trainable, int) and 1 <= self.trainable <= blocks
-        )
-        _check(
-            trainable_ok,
-            f"{prefix}.trainable",
-            self.trainable,
-            f"'all', 'head', or a number of top blocks of {self.backbone} in [1, {blocks}]",
-        )
         _check(
             0 <= self.warmup_epochs < self.epochs,
             f"{prefix}.warmup_epochs",
             self.warmup_epochs,
             f"an integer in [0, train.epochs={self.epochs})",
         )
-        _check(
-            self.class_weight in ("none", "balanced"),
-            f"{prefix}.class_weight",
-            self.class_weight,
-            "'none' or 'balanced'",
-        )
+        _check_choice(self, prefix, "class_weight", ("none", "balanced"))
+
+    def _check_inputs(self, prefix: str) -> None:
         if self.input == "cache":
             raise ParamsError(
                 f"params.yaml: {prefix}.input: cache was renamed to images; "
                 f"write {prefix}.input: images instead."
             )
-        _check(
-            self.input in ("images", "files"),
-            f"{prefix}.input",
-            self.input,
-            "'images' or 'files'",
-        )
-        _check(
-            self.backbone_features in ("auto", "off"),
-            f"{prefix}.backbone_features",
-            self.backbone_features,
-            "'auto' or 'off'",
-        )
-        _check(
-            self.mixed_precision in ("auto", "on", "off"),
-            f"{prefix}.mixed_precision",
-            self.mixed_precision,
-            "'auto', 'on' or 'off'",
-        )
+        _check_choice(self, prefix, "input", ("images", "files"))
+        _check_choice(self, prefix, "backbone_features", ("auto", "off"))
 
 
 @dataclass(frozen=True)

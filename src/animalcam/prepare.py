@@ -106,13 +106,8 @@ def prepare_dataset(
     with outputs.replace_directory(out_dir) as staging:
         checks = _check_all([path for path, _ in labelled], params, workers)
         labels = [label for _, label in labelled]
-
-        usable: list[int] = []
-        for index, check in enumerate(checks):
-            if check.reason is None:
-                usable.append(index)
-            else:
-                rejected.append((_posix(check.path), check.reason, check.detail))
+        usable = [i for i, check in enumerate(checks) if check.reason is None]
+        rejected += [(_posix(c.path), c.reason, c.detail) for c in checks if c.reason is not None]
         usable, duplicates, n_exact = _drop_exact_duplicates(usable, checks, labels)
         rejected.extend(duplicates)
 
@@ -120,35 +115,45 @@ def prepare_dataset(
         _require_enough_per_class(usable, labels, params.min_per_class, classes)
         groups = near_duplicate_groups(
             [checks[i].phash for i in usable], params.near_duplicate_distance
-        )
+        ).tolist()
+        rows = [
+            {
+                "path": _posix(checks[index].path),
+                "label": labels[index],
+                "source": _posix(checks[index].path),
+                "group": str(int(group)),
+            }
+            for index, group in zip(usable, groups, strict=True)
+        ]
         is_val = stratified_group_split(
-            [labels[i] for i in usable], groups.tolist(), params.val_split, params.seed
+            [row["label"] for row in rows], groups, params.val_split, params.seed
         )
-
-        rows = []
-        for position, index in enumerate(usable):
-            check = checks[index]
-            rows.append(
-                {
-                    "path": _posix(check.path),
-                    "label": labels[index],
-                    "source": _posix(check.path),
-                    "group": str(int(groups[position])),
-                }
-            )
         train = sorted((r for r, v in zip(rows, is_val, strict=True) if not v), key=_by_path)
         val = sorted((r for r, v in zip(rows, is_val, strict=True) if v), key=_by_path)
         rejected.sort()
-
         _write_manifest(staging / "train.csv", train)
         _write_manifest(staging / "val.csv", val)
         outputs.write_csv(staging / "rejected.csv", REJECTED_COLUMNS, rejected)
         outputs.write_json(staging / "classes.json", classes)
 
-    group_sizes = Counter(groups.tolist())
-    group_labels: dict[int, set[str]] = {}
-    for position, index in enumerate(usable):
-        group_labels.setdefault(int(groups[position]), set()).add(labels[index])
+    result = _summary(classes, train, val, rejected, n_exact, rows)
+    log.info(
+        "prepared %d train / %d val images in %d classes; rejected %d; %d near-duplicate groups",
+        len(train),
+        len(val),
+        len(classes),
+        len(rejected),
+        result.near_duplicate_groups,
+    )
+    return result
+
+
+def _summary(classes, train, val, rejected, n_exact, rows) -> PreparedData:
+    """Counts for metrics: images per class and split, and the duplicate groups."""
+    group_sizes = Counter(row["group"] for row in rows)
+    group_labels: dict[str, set[str]] = {}
+    for row in rows:
+        group_labels.setdefault(row["group"], set()).add(row["label"])
     result = PreparedData(
         classes=classes,
         train=train,
@@ -159,17 +164,9 @@ def prepare_dataset(
         cross_class_groups=sum(1 for names in group_labels.values() if len(names) > 1),
     )
     result.counts = {
-        split: {name: sum(1 for r in rows if r["label"] == name) for name in classes}
-        for split, rows in (("train", train), ("val", val))
+        split: {name: sum(1 for r in split_rows if r["label"] == name) for name in classes}
+        for split, split_rows in (("train", train), ("val", val))
     }
-    log.info(
-        "prepared %d train / %d val images in %d classes; rejected %d; %d near-duplicate groups",
-        len(train),
-        len(val),
-        len(classes),
-        len(rejected),
-        result.near_duplicate_groups,
-    )
     return result
 
 

@@ -22,6 +22,7 @@ import psutil
 
 from animalcam import environment
 from animalcam.dvc_files import declared_stage, lock_hash, lock_outs, read_dvc_lock
+from animalcam.fingerprints import digest, file_digest
 
 
 def git_state(workspace: str | Path = ".") -> dict[str, str]:
@@ -93,9 +94,10 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
 
     The md5 in ``dvc.lock`` of the stage that produced ``path`` (DVC writes a stage's
     entry as soon as the stage ends, so it is current for everything upstream), when the
-    file count and size still match what is on disk. Otherwise computed here: the md5 of
-    a file; for a directory ``manifest:<md5>`` of its CSV/JSON manifests (data/prepared
-    lists every image in them) or ``listing:<md5>`` of its file names and sizes.
+    file count and size still match what is on disk. Otherwise computed here
+    (:mod:`animalcam.fingerprints`): the SHA-256 of a file; for a directory
+    ``manifest:<sha256>`` of its CSV/JSON manifests (data/prepared lists every image in
+    them) or ``listing:<sha256>`` of its file names and sizes.
     ``missing`` when nothing is there.
     """
     lock = read_dvc_lock(workspace) if lock is None else lock
@@ -106,30 +108,17 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
     if target.is_file():
         if entry and entry.get("size") == target.stat().st_size and lock_hash(entry):
             return lock_hash(entry)
-        return _md5_file(target)
+        return file_digest(target)
     files = sorted(p for p in target.rglob("*") if p.is_file())
     if entry and lock_hash(entry):
         size = sum(p.stat().st_size for p in files)
         if entry.get("nfiles") == len(files) and entry.get("size") == size:
             return lock_hash(entry)
     manifests = [p for p in files if p.parent == target and p.suffix in (".csv", ".json")]
-    digest = hashlib.md5(usedforsecurity=False)
     if manifests:
-        for p in manifests:
-            digest.update(f"{p.name}\0".encode())
-            digest.update(p.read_bytes())
-        return f"manifest:{digest.hexdigest()}"
-    for p in files:
-        digest.update(f"{p.relative_to(target).as_posix()}\0{p.stat().st_size}\n".encode())
-    return f"listing:{digest.hexdigest()}"
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return "manifest:" + digest({p.name: file_digest(p) for p in manifests})
+    listing = {p.relative_to(target).as_posix(): p.stat().st_size for p in files}
+    return "listing:" + digest(listing)
 
 
 def input_hash_tags(stage: str, workspace: str | Path = ".") -> dict[str, str]:

@@ -15,7 +15,7 @@ Layout::
                                    manifest paths (in order), its shard files and their sizes
     data/images/<split>-NNNNN.tfrecord   records {path, label, image} in manifest order
 
-``image`` is the serialised uint8 tensor (``cache.encoding: raw``: exactly the pixels
+``image`` is the serialised uint8 tensor (``images.encoding: raw``: exactly the pixels
 serving computes, nothing to decode), a PNG (``png``: as exact, smaller, slower to read)
 or a JPEG (``jpeg``: the smallest, but lossy, so training and evaluation then see pixels
 that serving does not).

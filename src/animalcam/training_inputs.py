@@ -48,7 +48,7 @@ class TrainingInputs:
         self.train_images = _images(cache_dir, "train", train_set, params, self.kind)
         self.val_images = _images(cache_dir, "val", val_set, params, self.kind)
         if self.kind == "images":
-            log.info("reading images from the cache in %s", cache_dir)
+            log.info("reading the decoded images in %s (the images stage)", cache_dir)
         # Backbone features of (train copies, val), computed by the first fast-path phase.
         self._features: tuple[features.FeatureExamples, features.FeatureExamples] | None = None
         self.feature_seconds = 0.0

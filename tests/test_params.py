@@ -85,8 +85,8 @@ def test_missing_keys_take_defaults():
         ({"train": {"trainable": 0}}, r"train.trainable = 0 is not allowed"),
         (
             {"train": {"backbone": "vgg19"}},
-            r"train.backbone = 'vgg19' is not allowed; expected one of convnext_tiny, "
-            r"efficientnetv2b0, vgg16\.",
+            r"train.backbone = 'vgg19' is not allowed; expected 'convnext_tiny', "
+            r"'efficientnetv2b0' or 'vgg16'\.",
         ),
         ({"train": {"epochs": 3, "warmup_epochs": 3}}, r"train.warmup_epochs = 3 is not allowed"),
         ({"prepare": {"class_set": "mine"}}, r"prepare.class_set = 'mine'"),

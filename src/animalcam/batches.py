@@ -1,8 +1,9 @@
 """The one batch builder: examples by index in, batches for Keras out.
 
 Every input of the pipeline (decoded image files, the image cache's records, backbone
-feature vectors) is an :class:`Examples` adapter: ``n`` examples, each an ``(x, class
-index)`` pair, that it can list in index order or shuffled by ``(seed, epoch)``. The
+feature vectors, the few images explain holds in memory) is an :class:`Examples`
+adapter: ``n`` examples, each an ``(x, class index)`` pair, that it can list in index
+order or shuffled by ``(seed, epoch)``. The
 builder does the rest once for all of them: labels (one-hot, or dropped for inference),
 batching, augmentation, epochs back to back, cardinality, prefetch and tf.data's
 autotuning. :class:`BatchSettings` carries what it needs.
@@ -25,6 +26,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from animalcam.params import TrainParams
@@ -76,6 +78,23 @@ class IndexedExamples(Examples):
 
     def shuffled(self, settings: BatchSettings, epoch: int) -> tf.data.Dataset:
         return self.take(permutation(len(self), settings.seed, epoch), epoch)
+
+
+class ArrayExamples(IndexedExamples):
+    """Examples already in memory (the few images explain shows): ``x`` ``(N, ...)`` and
+    one class index, or one row of class indices, per example."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None = None):
+        self.x = np.asarray(x)
+        self.y = np.full(len(self.x), UNLABELLED, np.int32) if y is None else np.asarray(y)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, order: tf.Tensor, epoch: int) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.gather(self.x, order), tf.gather(self.y, order))
+        )
 
 
 def permutation(n: int, seed: int, epoch: int) -> tf.Tensor:

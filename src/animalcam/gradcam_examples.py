@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from animalcam.batches import ArrayExamples, BatchSettings, ordered_batches
 from animalcam.errors import DataError
 
 if TYPE_CHECKING:
@@ -68,10 +69,9 @@ def explain_examples(
     actual = [_class_index(class_names, row["actual"]) for row in rows]
     targets = np.array(list(zip(predicted, actual, strict=True)), dtype=np.int32).reshape(-1, 2)
     heatmaps, probabilities = [], []
-    starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=None):
-        stop = start + batch_size
-        maps, probs = gradcam(inputs[start:stop], targets[start:stop])
+    batches = ordered_batches(ArrayExamples(inputs, targets), BatchSettings(batch_size))
+    for images, image_targets in tqdm(batches, desc="Grad-CAM", unit="batch", disable=None):
+        maps, probs = gradcam(images.numpy(), image_targets.numpy())
         heatmaps.extend(maps)
         probabilities.extend(probs)
 

@@ -94,8 +94,8 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
 
     The md5 in ``dvc.lock`` of the stage that produced ``path`` (DVC writes a stage's
     entry as soon as the stage ends, so it is current for everything upstream), when the
-    file count and size still match what is on disk. Otherwise computed here
-    (:mod:`animalcam.fingerprints`): the SHA-256 of a file; for a directory
+    file count and size still match what is on disk. Otherwise computed here: the md5
+    of a file (as DVC names it); for a directory (:mod:`animalcam.fingerprints`)
     ``manifest:<sha256>`` of its CSV/JSON manifests (data/prepared lists every image in
     them) or ``listing:<sha256>`` of its file names and sizes.
     ``missing`` when nothing is there.
@@ -108,7 +108,7 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
     if target.is_file():
         if entry and entry.get("size") == target.stat().st_size and lock_hash(entry):
             return lock_hash(entry)
-        return file_digest(target)
+        return _md5_file(target)
     files = sorted(p for p in target.rglob("*") if p.is_file())
     if entry and lock_hash(entry):
         size = sum(p.stat().st_size for p in files)
@@ -119,6 +119,16 @@ def path_version(path: str, workspace: str | Path = ".", lock: dict | None = Non
         return "manifest:" + digest({p.name: file_digest(p) for p in manifests})
     listing = {p.relative_to(target).as_posix(): p.stat().st_size for p in files}
     return "listing:" + digest(listing)
+
+
+def _md5_file(path: Path) -> str:
+    """The md5 DVC itself would record for a file, so that the version reads the same
+    whether it came from dvc.lock or from here."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    return md5.hexdigest()
 
 
 def input_hash_tags(stage: str, workspace: str | Path = ".") -> dict[str, str]:

@@ -97,6 +97,7 @@ def main() -> None:
 
     ours = {
         "trainable": "head",
+        "warmup_epochs": 0,
         "learning_rate": 1e-3,
         "preprocessing": "backbone",
         "backbone_features": "auto",
@@ -105,8 +106,11 @@ def main() -> None:
         "epochs": args.epochs,
         "image_size": args.size,
     }
-    study = {
+    study = {  # the study's exact recipe (README: "The study's recipe")
         "trainable": "all",
+        "warmup_epochs": 0,
+        "backbone_lr_factor": 1.0,
+        "lr_warmup_steps": 0,
         "learning_rate": 1e-4,
         "preprocessing": "rescale",
         "backbone_features": "off",

@@ -83,6 +83,7 @@ def main() -> None:
             "trainable": "head",
             "learning_rate": 1e-3,
             "epochs": 2,
+            "warmup_epochs": 0,
             "backbone_features": "auto",
             "feature_copies": 1,
             "input": "images",

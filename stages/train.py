@@ -5,6 +5,7 @@ from pathlib import Path
 from animalcam import outputs, tracking
 from animalcam.params import load_params
 from animalcam.stage import run_stage
+from animalcam.tracking_store import store_failures
 
 PREPARED = Path("data/prepared")
 IMAGES = Path("data/images")  # the images stage's output, read when train.input is "images"
@@ -45,6 +46,9 @@ def main() -> None:
         outputs.write_csv(HISTORY, HISTORY_COLUMNS, history_rows(result.history))
 
         run.log_metrics(tracking.numeric_metrics(result.metrics))
+        if result.metrics["collapse_warning"]:  # the training log's warning, as a tag
+            with store_failures("tag the run", run.tracking_uri):
+                run.client.set_tag(run.run_id, "collapse_warning", "true")
         run.log_artifact(HISTORY)
         run.log_artifact(METRICS)
         val_accuracy = result.metrics["best_val_accuracy"]

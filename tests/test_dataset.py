@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -254,26 +253,3 @@ def test_autotune_switch_sets_the_pipeline_options(tmp_path):
         ds = ordered_batches(examples, BatchSettings(2, autotune=enabled), labels=False)
         assert ds.options().autotune.enabled is enabled
         assert order_of(ds) == [0, 1, 2]
-
-
-def test_a_resumed_run_sees_the_augmented_batches_an_uninterrupted_run_sees(tmp_path):
-    """Augmentation draws are seeded per epoch: epoch 2 is the same pixels whether the
-    stream started at epoch 0 or (resumed) at epoch 2."""
-    rows = tiny_data.write_images(tmp_path, "train", per_class=2)
-    paths = [str(tmp_path / rel) for rel, _ in rows]
-    settings = BatchSettings(4, seed=5)
-
-    def stream(first):
-        keras.utils.set_random_seed(5)  # as train_model does before building its inputs
-        augment = augmentation(AugmentParams(rotation=30, translate=0.2), seed=1)
-        examples = FileExamples(paths, [0] * len(paths), 32)
-        batches = epoch_batches(
-            examples, settings, first_epoch=first, end_epoch=3, num_classes=2, augment=augment
-        )
-        return [x.numpy() for x, _ in batches]
-
-    uninterrupted, resumed = stream(0), stream(2)
-    per_epoch = steps_per_epoch(len(paths), 4)
-    assert len(resumed) == per_epoch
-    for a, b in zip(uninterrupted[-per_epoch:], resumed, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -20,6 +20,7 @@ TINY = {
     "batch_size": 4,
     "dense_units": 8,
     "epochs": 2,
+    "warmup_epochs": 0,
     "trainable": "head",
     "learning_rate": 1e-3,
     "input": "files",

@@ -208,6 +208,8 @@ OUT_OF_RANGE = {
     "train.batch_size": [0, 65_537],
     "train.epochs": [0, 100_001],
     "train.learning_rate": [0, 11, "1e999"],
+    "train.backbone_lr_factor": [0, 1.5, -0.1],
+    "train.lr_warmup_steps": [-1, 1_000_001, 2.5],
     "train.dense_units": [0, 65_537],
     "train.dropout": [1.0, -0.1],
     "train.label_smoothing": [1.0],

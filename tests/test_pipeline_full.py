@@ -19,6 +19,7 @@ TINY = {
         "weights": "none",
         "image_size": 32,
         "epochs": 2,
+        "warmup_epochs": 0,
         "batch_size": 8,
         "dense_units": 8,
         "learning_rate": 1e-3,

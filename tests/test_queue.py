@@ -25,6 +25,7 @@ TINY = {
         "weights": "none",
         "image_size": 32,
         "epochs": 1,
+        "warmup_epochs": 0,
         "batch_size": 8,
         "dense_units": 8,
         "top_k": 2,

@@ -26,6 +26,11 @@ class Backbone:
     # the first layer named with the N-th prefix from the top and every backbone layer
     # after it become trainable (so a trailing "top_conv" goes with the top block).
     blocks: tuple[str, ...]
+    # Root mean square of its pooled features under its own preprocessing, roughly: the
+    # head's first layer starts with weights scaled down by it, so that the logits of a
+    # fresh head start near unit scale instead of saturating the softmax (measured and
+    # explained in docs/fine-tuning.md). 1.0: features already near unit scale.
+    feature_rms: float = 1.0
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -36,6 +41,7 @@ BACKBONES: dict[str, Backbone] = {
         preprocessing="caffe",
         last_conv_layer="block5_conv3",
         blocks=("block1_", "block2_", "block3_", "block4_", "block5_"),
+        feature_rms=10.0,  # Caffe-scale inputs (+-128) give large pooled features
     ),
     # 5.9 M parameters, far better ImageNet accuracy than VGG16; rescales and normalises
     # its [0, 255] input itself. Grad-CAM on the activation after the last 1x1 conv, the

@@ -145,9 +145,9 @@ def epoch_batches(
     epoch, epochs never mixed in one batch. Feed it to ``Model.fit`` with that
     ``steps_per_epoch`` so that Keras keeps one iterator across epochs."""
     # Epochs as Python ints, chained: a shuffle buffer's seed must be a Python int. Each
-    # epoch gets its own augmentation map, whose seeded draws start afresh: so epoch e's
-    # batches are the same whether the run started at epoch 0 or resumed at e (the draws
-    # land on other images each epoch, since the order changes).
+    # epoch gets its own augmentation map, so a resumed epoch starts its draws where an
+    # uninterrupted run's epoch does (they are stateful ops under a parallel map, so not
+    # bit-identical; batch order and labels are).
     epochs = range(first_epoch, max(end_epoch, first_epoch + 1))
     ds = functools.reduce(
         tf.data.Dataset.concatenate,

@@ -92,7 +92,8 @@ class RandomAffine(keras.layers.Layer):
     [1 - zoom, 1 + zoom], t uniform in +-``translate`` of the side, and a flip with
     probability 1/2. Bilinear, with gaps filled by the nearest edge pixel.
 
-    The draws are TensorFlow ops (seeded, so tf.data replays them); the resampling is
+    The draws are seeded TensorFlow ops (stateful: under tf.data's parallel map, which
+    batch gets which draws varies from run to run); the resampling is
     OpenCV's ``warpAffine`` through ``tf.numpy_function``: on a CPU it is faster than
     TensorFlow's ImageProjectiveTransformV3 with the same output (test_dataset checks
     the agreement; OpenCV 5 is needed for it: 4.x rounds the sample positions to 1/32

@@ -101,12 +101,24 @@ def build_model(
         if weights_path is not None:
             _load_backbone_weights(base, weights_path, spec)
         x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
-        x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
+        x = keras.layers.Dense(
+            dense_units, activation="relu", name="dense", kernel_initializer=_head_init(spec, mode)
+        )(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, name="dropout")(x)
         logits = keras.layers.Dense(len(class_names), name="logits")(x)
         probabilities = ClassProbabilities(list(class_names), name="predictions")(logits)
         return keras.Model(image, probabilities, name=MODEL_NAME_PREFIX + spec.name)
+
+
+def _head_init(spec: Backbone, mode: str) -> keras.initializers.Initializer:
+    """Glorot, scaled down by the backbone's feature scale under its own preprocessing,
+    so a fresh head's logits start near unit scale (docs/fine-tuning.md). The study's
+    1/255 inputs keep plain Glorot: its recipe stays exactly as it ran."""
+    if mode != spec.preprocessing or spec.feature_rms == 1.0:
+        return keras.initializers.GlorotUniform()
+    scale = 1.0 / spec.feature_rms**2  # variance scales with the square of the input
+    return keras.initializers.VarianceScaling(scale, mode="fan_avg", distribution="uniform")
 
 
 def _backbone(name: str) -> Backbone:

@@ -178,6 +178,8 @@ class ResumeCallback(keras.callbacks.Callback):
         done = epoch + 1
         row = {"epoch": done, **{k: float(v) for k, v in logs.items() if k != "learning_rate"}}
         row["lr"] = self._lr
+        # 1-based epoch within its phase: 1 marks a phase switch (fine_tuning.collapse_check).
+        row["phase_epoch"] = float(done - self.store.state.phase_start)
         # Timing rides along in the state (not in history.csv, which stays reproducible);
         # the first epoch of a fit also traces the graph, so throughput skips it.
         row["train_seconds"] = self._train_seconds or (time.monotonic() - self._epoch_start)

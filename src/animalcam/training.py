@@ -13,7 +13,10 @@ the backbone frozen at ``train.warmup_learning_rate``), then the main phase with
 ``train.trainable`` at ``train.learning_rate``, recompiled with a fresh optimizer and
 starting from the best weights so far. Epochs are counted across phases, so
 ``train.epochs`` is the total. ModelCheckpoint, EarlyStopping and ReduceLROnPlateau
-watch val_loss over the whole run.
+watch val_loss over the whole run. A phase that trains backbone layers updates them at
+``train.backbone_lr_factor`` times the phase's rate and warms its rate up over
+``train.lr_warmup_steps`` steps (animalcam.fine_tuning); a run whose validation accuracy
+collapses after a phase switch logs one warning and records it in its metrics.
 
 Speed (docs/benchmarks.md): images come from the image cache (animalcam.image_cache)
 when ``train.input`` is "images" and a cache directory is given; a phase with the
@@ -36,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from animalcam import features, modeling, resume
+from animalcam import features, fine_tuning, modeling, resume
 from animalcam.batches import steps_per_epoch
 from animalcam.dataset import Manifest
 from animalcam.errors import DataError, ModelError, ParamsError
@@ -142,13 +145,20 @@ def compile_model(
     label_smoothing: float,
     top_k: int,
     jit_compile: bool,
+    backbone_layers: Sequence[str] = (),
+    backbone_lr_factor: float = 1.0,
 ) -> None:
     """Adam + categorical cross-entropy; metrics "accuracy" and "top_k_accuracy".
 
+    The variables of ``backbone_layers`` (layer names) update at ``learning_rate x
+    backbone_lr_factor`` (fine_tuning.DiscriminativeAdam; a factor of 1 is plain Adam).
     Under a mixed_float16 model Keras wraps Adam in a LossScaleOptimizer itself.
     """
+    optimizer = fine_tuning.DiscriminativeAdam(
+        learning_rate, backbone_layers=backbone_layers, backbone_lr_factor=backbone_lr_factor
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
@@ -223,6 +233,12 @@ def _train(plan: _Plan, store: ResumeStore, inputs: TrainingInputs, callbacks) -
     trainable_params = modeling.set_trainable(final, params.trainable)
     modeling.set_trainable(final, "all")  # the saved model carries no training-time freeze
     metrics = _metrics(final, trainable_params, plan, store, inputs, fast_phases)
+    collapse = fine_tuning.collapse_check(store.state.history)
+    metrics["collapse_warning"] = collapse is not None
+    metrics["collapse_val_accuracy_before"] = collapse.before if collapse else None
+    metrics["collapse_val_accuracy_after"] = collapse.after if collapse else None
+    if collapse is not None:
+        log.warning(collapse.message(params.trainable))
     log.info(
         "best epoch %d of %d: val_loss %.4f, val_accuracy %.4f",
         *(metrics[k] for k in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy")),
@@ -266,19 +282,22 @@ def fit_phase(
         store.save()
         return False
     watchers = _watchers(model, store.state_dir, params)
+    steps = steps_per_epoch(len(inputs.train_images), params.batch_size)
+    warmup = _lr_warmup(phase, params, steps)
     if fast:
         train_ds, val_ds = inputs.feature_batches(model, first, phase.end)
     else:
         train_ds, val_ds = inputs.image_batches(first, phase.end)
     fitted.fit(
         train_ds,
-        steps_per_epoch=steps_per_epoch(len(inputs.train_images), params.batch_size),
+        steps_per_epoch=steps,
         epochs=phase.end,
         initial_epoch=first,
         validation_data=val_ds,
         class_weight=plan.class_weight,
         shuffle=False,  # the dataset shuffles itself, per epoch, reproducibly
-        callbacks=[*watchers, store.callback(watchers, phase.end, next_phase), *callbacks],
+        # The warm-up first: the resume callback reads the rate each epoch starts with.
+        callbacks=[*warmup, *watchers, store.callback(watchers, phase.end, next_phase), *callbacks],
         # A progress bar in a terminal, one line per epoch in logs (dvc repro, CI).
         verbose=1 if sys.stdout.isatty() else 2,
     )
@@ -348,13 +367,38 @@ def _build(params: TrainParams, class_names, policy: str, weights: str | None = 
     )
 
 
+def trains_backbone(phase: Phase) -> bool:
+    """Whether ``phase`` trains backbone layers (it then fine-tunes pretrained weights)."""
+    return phase.trainable != "head"
+
+
+def _lr_warmup(phase: Phase, params: TrainParams, steps: int) -> list[keras.callbacks.Callback]:
+    """The learning-rate warm-up of ``phase`` (``steps`` per epoch), if it has one: at
+    most one epoch long, so the rate is the phase's own when ReduceLROnPlateau first acts
+    and a phase resumed after a finished epoch is past its warm-up."""
+    warmup_steps = min(params.lr_warmup_steps, steps)
+    if not trains_backbone(phase) or warmup_steps == 0:
+        return []
+    if warmup_steps < params.lr_warmup_steps:
+        log.info(
+            "learning-rate warm-up: %d steps, one epoch (train.lr_warmup_steps caps at that)",
+            warmup_steps,
+        )
+    return [fine_tuning.LearningRateWarmup(phase.learning_rate, warmup_steps)]
+
+
 def _compile(fitted: keras.Model, phase: Phase, plan: _Plan, fast: bool) -> None:
     params = plan.params
+    fine_tunes = trains_backbone(phase) and not fast
     compile_model(
         fitted,
         phase.learning_rate,
         label_smoothing=params.label_smoothing,
         top_k=plan.top_k,
+        backbone_layers=(
+            [layer.name for layer in modeling.backbone_layers(fitted)] if fine_tunes else ()
+        ),
+        backbone_lr_factor=params.backbone_lr_factor if fine_tunes else 1.0,
         # XLA under MirroredStrategy fails on replica variables ("Trying to access
         # resource ... located in device"): the head compiles only alone.
         jit_compile=(

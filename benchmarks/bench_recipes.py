@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import arguments, class_folder_images, describe_machine, ratio
+from machine import arguments, describe_machine, ratio, train_val_manifests
 
 RECIPES = {
     "study (1/255)": {
@@ -72,15 +72,6 @@ def budget_callback(seconds: float):
     return TimeBudget()
 
 
-def split(paths, labels, val_fraction: float, seed: int):
-    from animalcam.splitting import stratified_group_split
-
-    is_val = stratified_group_split(labels, list(range(len(paths))), val_fraction, seed)
-    train = [(p, y) for p, y, v in zip(paths, labels, is_val, strict=True) if not v]
-    val = [(p, y) for p, y, v in zip(paths, labels, is_val, strict=True) if v]
-    return train, val
-
-
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--val-data", type=Path, help="a validation folder of class folders")
@@ -88,27 +79,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     args = parser.parse_args()
 
-    from animalcam.dataset import Manifest
     from animalcam.params import TrainParams
     from animalcam.training import train_model
 
-    paths, labels, classes = class_folder_images(args.data)
-    if args.val_data:
-        val_paths, val_labels, val_classes = class_folder_images(args.val_data)
-        assert val_classes == classes, (val_classes, classes)
-        train = list(zip(paths, labels, strict=True))
-        val = list(zip(val_paths, val_labels, strict=True))
-    else:
-        train, val = split(paths, [classes[y] for y in labels], 0.15, seed=42)
-        index = {name: i for i, name in enumerate(classes)}
-        train = [(p, index[c]) for p, c in train]
-        val = [(p, index[c]) for p, c in val]
-
-    def manifest(rows):
-        return Manifest(
-            tuple(p for p, _ in rows), tuple(y for _, y in rows), tuple(0 for _ in rows)
-        )
-
+    train, val, classes = train_val_manifests(args.data, args.val_data)
     print(describe_machine())
     print(
         f"setup: {args.data}{' + ' + str(args.val_data) if args.val_data else ''}: "
@@ -127,8 +101,8 @@ def main() -> None:
             result = train_model(
                 params,
                 classes,
-                manifest(train),
-                manifest(val),
+                train,
+                val,
                 state_dir=state,
                 callbacks=[budget_callback(args.budget)],
             )

@@ -9,12 +9,16 @@ METRICS = "metrics/evaluate.json"
 
 def main() -> None:
     # TensorFlow is started by run_stage first, with its start-up chatter captured.
-    from animalcam import dataset, evaluation, image_cache, modeling
+    from animalcam import dataset, evaluation, image_cache, modeling, precision
     from animalcam.batches import BatchSettings, ordered_batches
 
     params = load_params()
     with tracking.stage_run("evaluate", params, model_run_file=tracking.MODEL_RUN_FILE) as run:
         model = modeling.load_model("models/model.keras")
+        policy = precision.resolve_policy(
+            params.evaluate.mixed_precision, "evaluate.mixed_precision"
+        )
+        model = precision.inference_model(model, policy)  # this machine's fastest
         names = modeling.class_names(model)
         val = dataset.read_manifest("data/prepared/val.csv", names)
         # The images stage's output when it fits the model (size, split), else the files.
@@ -25,7 +29,9 @@ def main() -> None:
         metrics = evaluation.write_evaluation(
             val.paths, val.labels, probabilities, names, params.evaluate, "plots/evaluate"
         )
+        metrics["precision"] = policy
         outputs.write_json(METRICS, metrics)
+        run.log_params({"precision": policy})
         run.log_metrics(tracking.numeric_metrics(metrics))
         run.log_artifact(METRICS)
         run.log_artifact("plots/evaluate")

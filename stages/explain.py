@@ -9,11 +9,13 @@ METRICS = "metrics/explain.json"
 
 def main() -> None:
     # TensorFlow is started by run_stage first, with its start-up chatter captured.
-    from animalcam import explanation, modeling
+    from animalcam import explanation, modeling, precision
 
     params = load_params()
     with tracking.stage_run("explain", params, model_run_file=tracking.MODEL_RUN_FILE) as run:
         model = modeling.load_model("models/model.keras")
+        policy = precision.resolve_policy(params.explain.mixed_precision, "explain.mixed_precision")
+        model = precision.inference_model(model, policy)  # this machine's fastest
         rows = outputs.read_csv("plots/evaluate/predictions.csv")
         metrics = explanation.explain_predictions(
             model,
@@ -24,7 +26,9 @@ def main() -> None:
             seed=params.explain.seed,
             speed=params.speed,
         )
+        metrics["precision"] = policy
         outputs.write_json(METRICS, metrics)
+        run.log_params({"precision": policy})
         run.log_metrics(tracking.numeric_metrics(metrics))
         run.log_artifact(METRICS)
         run.log_artifact("plots/gradcam")

@@ -45,6 +45,7 @@ def main() -> None:
         outputs.write_json(METRICS, result.metrics)
         outputs.write_csv(HISTORY, HISTORY_COLUMNS, history_rows(result.history))
 
+        run.log_params({"precision": result.metrics["precision"]})  # the policy it ran
         run.log_metrics(tracking.numeric_metrics(result.metrics))
         if result.metrics["collapse_warning"]:  # the training log's warning, as a tag
             with store_failures("tag the run", run.tracking_uri):

@@ -136,10 +136,44 @@ def test_the_warmup_rises_linearly_then_leaves_the_rate_alone():
 def test_the_warmup_continues_where_a_resumed_optimizer_stopped():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    fit_small([], epochs=1, model=model)  # 4 steps taken
+    fit_small([LearningRateWarmup(0.01, 6)], epochs=1, model=model)  # 4 steps taken
     recorder = RateRecorder()
     fit_small([LearningRateWarmup(0.01, 6), recorder], epochs=1, model=model)
     assert recorder.rates == pytest.approx([0.01 * s / 6 for s in (5, 6, 6, 6)])
+
+
+class PlateauCut(keras.callbacks.Callback):
+    """Multiplies the rate by ``factor`` at the end of epoch ``epoch``, as
+    ReduceLROnPlateau does."""
+
+    def __init__(self, epoch: int, factor: float):
+        super().__init__()
+        self.epoch, self.factor = epoch, factor
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            rate = float(self.model.optimizer.learning_rate.numpy())
+            self.model.optimizer.learning_rate = rate * self.factor
+
+
+def test_a_plateau_cut_during_a_ramp_longer_than_an_epoch_carries_through_it():
+    recorder = RateRecorder()
+    fit_small([LearningRateWarmup(0.01, 6), recorder, PlateauCut(0, 0.2)])
+    # 4 steps per epoch: the ramp's first 4 steps at the full target, then the cut
+    # (x0.2) at the end of epoch 1 lowers the rest of the ramp and what follows it.
+    first = [0.01 * s / 6 for s in (1, 2, 3, 4)]
+    second = [0.002 * 5 / 6, 0.002, 0.002, 0.002]
+    assert recorder.rates == pytest.approx(first + second, rel=1e-5)
+
+
+def test_a_run_resumed_mid_ramp_continues_from_the_restored_rate():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    fit_small([LearningRateWarmup(0.01, 8), PlateauCut(0, 0.5)], epochs=1, model=model)
+    # 4 steps done at 0.01 x 1/8..4/8, then halved: the optimizer holds 0.0025.
+    recorder = RateRecorder()
+    fit_small([LearningRateWarmup(0.01, 8), recorder], epochs=1, model=model)
+    assert recorder.rates == pytest.approx([0.005 * s / 8 for s in (5, 6, 7, 8)], rel=1e-5)
 
 
 def test_zero_warmup_steps_keep_the_rate():
@@ -217,7 +251,10 @@ def test_the_study_overrides_give_plain_adam_on_every_variable_from_step_one():
 def test_resume_equals_an_uninterrupted_run_with_the_new_defaults(tmp_path, caplog):
     classes, train_set, val_set = splits(tmp_path)
     # The defaults' shape (head warm-up, then all with factor and warm-up), tiny.
-    params = tiny_params(epochs=3, warmup_epochs=1, augment=NO_AUGMENT, input="files")
+    # A 4-step LR ramp over 3-step epochs: the kill lands in the middle of the ramp.
+    params = tiny_params(
+        epochs=3, warmup_epochs=1, augment=NO_AUGMENT, input="files", lr_warmup_steps=4
+    )
     assert params.trainable == "all" and params.backbone_lr_factor == 0.1
 
     whole = training.train_model(params, classes, train_set, val_set, state_dir=tmp_path / "a")
@@ -237,9 +274,10 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_defaults(tmp_path, capl
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-5)
     assert [row["phase_epoch"] for row in whole.history] == [1, 1, 2]
-    # The main phase's first epoch starts its warm-up: 1/3 of the rate (3 steps/epoch).
-    assert whole.history[1]["lr"] == pytest.approx(1e-4 / 3, rel=1e-5)
-    assert whole.history[2]["lr"] == pytest.approx(1e-4)
+    # The main phase's first epoch starts its ramp at 1/4 of the rate, the second epoch
+    # at step 4 of 4 (3 steps/epoch), resumed or not.
+    assert whole.history[1]["lr"] == pytest.approx(1e-4 / 4, rel=1e-5)
+    assert whole.history[2]["lr"] == pytest.approx(1e-4, rel=1e-5)
     for a, b in zip(whole.model.weights, resumed.model.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     assert "collapse_warning" in whole.metrics

@@ -237,12 +237,19 @@ OUT_OF_RANGE = {
     "evaluate.top_k": [0, 1001],
     "evaluate.gallery_size": [0, 1001],
     "evaluate.calibration_bins": [0, 1001],
+    "evaluate.mixed_precision": ["bf16", "mixed_bfloat16"],
     "explain.n_correct": [-1, 1001],
     "explain.n_incorrect": [-1, 10**30],
     "explain.layer": ["", "block5\x00", "x" * 257],
     "explain.alpha": [0, 1],
     "explain.faithfulness_fraction": [0, 1],
     "explain.seed": [-1, 2**31],
+    "explain.mixed_precision": ["float32"],
+    "export.representative_images": [0, 100_001],
+    "export.seed": [-1, 2**31],
+    "export.min_agreement": [-0.1, 1.5],
+    "export.int8_min_agreement": [1.01, -math.inf],
+    "export.int8_max_accuracy_drop": [-0.01, 2],
     "speed.autotune": [0],
     "speed.prefetch_to_device": [None],
     "speed.train_xla": ["auto"],
@@ -514,7 +521,7 @@ def test_a_bad_debug_switch_is_an_error(monkeypatch):
 
 # --- Through a real stage: exit 2, one line, no traceback ---------------------------------
 
-STAGES = ("download", "prepare", "images", "train", "evaluate", "explain")
+STAGES = ("download", "prepare", "images", "train", "evaluate", "explain", "export")
 
 
 def run_stage_script(project, stage: str, params: bytes | None = None, **env: str):

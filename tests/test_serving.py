@@ -149,6 +149,7 @@ def test_served_probabilities_equal_what_evaluate_computes_for_every_kind(saved_
     from animalcam.image_cache import CachedExamples, build_cache, open_split
     from animalcam.modeling import load_model
     from animalcam.params import ImagesParams
+    from animalcam.precision import inference_model, resolve_policy
 
     rows = []
     for kind in KINDS:
@@ -163,7 +164,10 @@ def test_served_probabilities_equal_what_evaluate_computes_for_every_kind(saved_
     build_cache(prepared, tmp_path / "cache", image_size=16, params=ImagesParams(), root=tmp_path)
     manifest = read_manifest(prepared / "val.csv", CLASSES, tmp_path)
     split = open_split(tmp_path / "cache", "val", manifest, 16)
-    keras_model = load_model(saved_model / "artifacts" / "model.keras")
+    # As the evaluate stage and the served model run it: under this machine's policy.
+    keras_model = inference_model(
+        load_model(saved_model / "artifacts" / "model.keras"), resolve_policy("auto")
+    )
     evaluated = predict_probabilities(
         keras_model, ordered_batches(CachedExamples(split), BatchSettings(4), labels=False)
     )

@@ -10,6 +10,7 @@ autotuning. :class:`BatchSettings` carries what it needs.
 
 - :func:`ordered_batches`: one pass in index order (validation, evaluation, inference,
   the backbone feature pass).
+- :func:`streamed_batches`: one pass over a stream of unknown length (predict).
 - :func:`epoch_batches`: training epochs ``first .. end - 1``; epoch ``e`` depends on
   ``(seed, e)`` only, so a run resumed at epoch ``e`` sees the batches an uninterrupted
   run would have seen there.
@@ -188,10 +189,20 @@ def _labelled(ds, num_classes, labels, augment) -> tf.data.Dataset:
     return ds
 
 
+def streamed_batches(examples: tf.data.Dataset, settings: BatchSettings) -> tf.data.Dataset:
+    """Batches of a stream whose length is known only at its end (``animalcam predict``
+    walking folders), in order, prefetched and autotuned; no labels, no cardinality."""
+    return _tuned(examples.batch(settings.batch_size).prefetch(tf.data.AUTOTUNE), settings)
+
+
 def _finish(ds, steps, settings) -> tf.data.Dataset:
     """Cardinality, prefetch and autotuning of a stream of batches."""
     # Sources read in sequence have no known length; Keras needs it to end a pass cleanly.
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+    return _tuned(ds, settings)
+
+
+def _tuned(ds, settings) -> tf.data.Dataset:
     options = tf.data.Options()
     options.autotune.enabled = settings.autotune
     return ds.with_options(options)

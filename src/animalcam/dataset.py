@@ -23,12 +23,14 @@ import tensorflow as tf
 
 from animalcam.batches import UNLABELLED, IndexedExamples
 from animalcam.errors import DataError, SourceNotFoundError
-from animalcam.images import model_pixels
+from animalcam.images import DEFAULT_MAX_PIXELS, ImageReadError, model_pixels
 from animalcam.outputs import read_csv
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("path", "label")  # required; prepare also writes source and group
+# The reason given for a file that cannot be opened at all (gone, a folder, no permission).
+UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,44 @@ def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """
 
     def read(name) -> np.ndarray:
-        name = name.item() if isinstance(name, np.ndarray) else name  # eager: a 0-d array
-        return model_pixels(os.fsdecode(name), (image_size, image_size), max_pixels=None)
+        return model_pixels(_file_name(name), (image_size, image_size), max_pixels=None)
 
     pixels = tf.numpy_function(read, [path], tf.uint8, stateful=False)
     pixels.set_shape([image_size, image_size, 3])
     return tf.cast(pixels, tf.float32)
+
+
+def load_image_or_reason(
+    path: tf.Tensor, image_size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A file nobody has checked (``animalcam predict``) as ``(pixels, reason)``, in a graph.
+
+    ``pixels``: uint8 RGB ``(image_size, image_size, 3)``, :func:`load_image`'s pixels
+    before the cast; ``reason``: an empty string for a usable image, else why it is not
+    (``"truncated: ..."``, ``"not_an_image: ..."``, ``"unreadable: ..."``) with zero
+    pixels, so that one bad file does not stop a stream of them. The pixel limit is
+    checked from the header.
+    """
+
+    def read(name) -> tuple[np.ndarray, bytes]:
+        try:
+            pixels = model_pixels(_file_name(name), (image_size, image_size), max_pixels=max_pixels)
+            return pixels, b""
+        except ImageReadError as exc:
+            reason = str(exc)
+        except OSError as exc:  # vanished, a folder, no permission
+            reason = f"{UNREADABLE}: {exc.strerror or exc}"
+        return np.zeros((image_size, image_size, 3), np.uint8), reason.encode("utf-8")
+
+    pixels, reason = tf.numpy_function(read, [path], (tf.uint8, tf.string), stateful=False)
+    pixels.set_shape([image_size, image_size, 3])
+    reason.set_shape([])
+    return pixels, reason
+
+
+def _file_name(name) -> str:
+    name = name.item() if isinstance(name, np.ndarray) else name  # eager: a 0-d array
+    return os.fsdecode(name)
 
 
 class FileExamples(IndexedExamples):

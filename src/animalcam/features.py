@@ -35,7 +35,11 @@ HEAD_LAYERS = ("dense", "dropout", "logits", "predictions")  # after "pool", in 
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
-    """``model``'s input -> its "pool" output: the backbone's pooled feature vector."""
+    """``model``'s input -> its "pool" output: the backbone's pooled feature vector.
+
+    It computes in ``model``'s dtype policy: training builds its model under the run's
+    policy; for a loaded (float32) model, pass ``animalcam.precision.inference_model(
+    model, policy)`` to compute the features in bfloat16 where the CPU has it."""
     return keras.Model(model.input, model.get_layer("pool").output, name="features")
 
 

@@ -92,28 +92,41 @@ class LearningRateWarmup(keras.callbacks.Callback):
     """Raise the learning rate linearly over a phase's first ``steps`` optimizer steps.
 
     Step s (1-based, counted by the optimizer, which a new phase builds fresh and a
-    resumed phase restores) trains at ``learning_rate * s / steps``; from step ``steps``
-    on the rate is ``learning_rate`` and the callback no longer touches it, leaving it to
-    ReduceLROnPlateau (which acts at epoch ends). So a phase resumed past its warm-up
-    does not warm up again. Put it before callbacks that read the rate at the start of
-    an epoch, so they see the rate of that epoch's first step.
+    resumed phase restores) trains at ``base * s / steps``; from step ``steps`` on the
+    callback no longer touches the rate. ``base`` is read back from the optimizer before
+    every step (the rate it holds divided by the ramp fraction last applied), so a
+    ReduceLROnPlateau cut made at an epoch end during the ramp carries through it, and a
+    phase resumed part-way through its ramp continues it from the restored rate. The ramp
+    may span several epochs: on a small dataset one epoch is a handful of steps, too few
+    to ease the pretrained weights into training. Put it before callbacks that read the
+    rate at the start of an epoch, so they see the rate of that epoch's first step.
     """
 
     def __init__(self, learning_rate: float, steps: int):
         super().__init__()
-        self.learning_rate = float(learning_rate)
+        self.learning_rate = float(learning_rate)  # the phase's rate, before any cut
         self.steps = int(steps)
         self._step = 0  # steps taken in this phase so far
 
-    def rate(self, step: int) -> float:
+    def rate(self, step: int, base: float | None = None) -> float:
         """The learning rate of optimizer step ``step`` (1-based) of the phase."""
+        base = self.learning_rate if base is None else base
         if self.steps <= 0 or step >= self.steps:
-            return self.learning_rate
-        return self.learning_rate * max(step, 1) / self.steps
+            return base
+        return base * max(step, 1) / self.steps
 
     def on_train_begin(self, logs=None):
         # Read once: the optimizer's count of steps already taken in this phase.
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._base = self.learning_rate
+        self._last: float | None = None  # the rate this callback last set
+        if 0 < self._step < self.steps:  # resumed mid-ramp: the restored rate is step's
+            self._base = self._held() / self.rate(self._step, 1.0)
+        self._set_next()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Also here, so that what reads the rate as an epoch starts (the resume state's
+        # history) sees the rate of its first step, resumed or not.
         self._set_next()
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -122,9 +135,16 @@ class LearningRateWarmup(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
 
+    def _held(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
     def _set_next(self) -> None:
-        if self._step < self.steps:  # past the warm-up: hands off
-            self.model.optimizer.learning_rate = self.rate(self._step + 1)
+        if self._step >= self.steps:  # past the warm-up: hands off
+            return
+        if self._last is not None:  # another callback's cut since: keep it
+            self._base *= self._held() / self._last
+        self.model.optimizer.learning_rate = self.rate(self._step + 1, self._base)
+        self._last = self._held()  # as stored (float32), so an untouched rate gives 1.0
 
 
 @dataclass(frozen=True)

@@ -66,13 +66,19 @@ def _panel_cells(e: Explanation, alpha: float) -> list[tuple]:
     return cells
 
 
-def panel_png(explanation: Explanation, alpha: float = 0.4) -> bytes:
+def panel_png(explanation: Explanation, alpha: float = 0.4, heading: str | None = None) -> bytes:
     """One example: original | Grad-CAM | overlay, at the original's aspect ratio.
 
     For a mistake, the true class's Grad-CAM and overlay follow, side by side. The
-    heading says true class, predicted class and confidence (green right, red wrong).
+    heading says true class, predicted class and confidence (green right, red wrong);
+    ``heading`` replaces it, in black (a prediction whose true class is unknown).
     """
     e = explanation
+    if heading is None:
+        heading = example_title(e.row).replace("\n", "   ")
+        color = CORRECT_COLOR if e.correct else INCORRECT_COLOR
+    else:
+        color = "black"
     cells = _panel_cells(e, alpha)
     cell_w, cell_h = panel_cell_size(*e.image.shape[:2])
     width = cell_w * len(cells)
@@ -81,11 +87,11 @@ def panel_png(explanation: Explanation, alpha: float = 0.4) -> bytes:
     fig.text(
         0.5,
         1 - PANEL_HEADING_PX / 2 / height,
-        example_title(e.row).replace("\n", "   "),
+        heading,
         ha="center",
         va="center",
         fontsize=12,
-        color=CORRECT_COLOR if e.correct else INCORRECT_COLOR,
+        color=color,
     )
     title_y = 1 - (PANEL_HEADING_PX + PANEL_TITLE_PX / 2) / height
     font = 10 if cell_w >= 240 else 8

@@ -50,7 +50,12 @@ class Preprocess(keras.layers.Layer):
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)
         if self.mode == "caffe":
-            x = ops.flip(x, axis=-1)
+            # RGB -> BGR as a gather of the channels, not ops.flip: the same values, but
+            # TFLite's int8 converter gives a flip (REVERSE_V2) output quantization
+            # parameters other than its input's while the kernel copies the integers
+            # unchanged, so a full-integer model saw every pixel as 1.49 x - 123
+            # (docs/benchmarks.md, issue 13; tests/test_export.py checks the pixels).
+            x = ops.take(x, [2, 1, 0], axis=-1)
             return x - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
         if self.mode == "tf":
             return x / 127.5 - 1.0

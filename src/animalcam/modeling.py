@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 import animalcam.layers  # noqa: F401  (registers Preprocess and ClassProbabilities)
-from animalcam import outputs
+from animalcam import outputs, precision
 from animalcam.backbones import BACKBONES, Backbone
 from animalcam.errors import ModelError, ParamsError, SourceNotFoundError
 from animalcam.layers import ClassProbabilities, Preprocess
@@ -75,8 +75,8 @@ def build_model(
     SourceNotFoundError and a file that does not fit the backbone a ModelError: never a
     silent random init. ``preprocessing`` is "backbone" (what the backbone was trained
     with) or "rescale" (1/255, the reference study's choice). ``policy`` is the Keras
-    dtype policy to build under ("float32" or "mixed_float16"); the final softmax stays
-    float32 either way.
+    dtype policy to build under ("float32", "mixed_bfloat16" or "mixed_float16": see
+    animalcam.precision); the final softmax stays float32 either way.
     """
     spec = _backbone(backbone)
     if len(class_names) < 2:
@@ -252,7 +252,13 @@ def image_size(model: keras.Model) -> int:
 
 
 def save_model(model: keras.Model, path: str | Path) -> None:
-    """Write ``model`` to ``path`` (.keras) atomically: a reader sees old or new, never half."""
+    """Write ``model`` to ``path`` (.keras) atomically: a reader sees old or new, never half.
+
+    Always as a float32 model: a model built under a mixed policy is copied to float32
+    first (Keras writes each layer's policy into the file, and a loaded mixed_bfloat16
+    model would crawl on a CPU without bfloat16), so the file predicts the same anywhere.
+    """
+    model = precision.inference_model(model, precision.FLOAT32)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keras insists on the .keras suffix, so the temporary sibling keeps it.

@@ -29,6 +29,10 @@ DEFAULT_PATH = Path("params.yaml")
 # A text setting whose values include "on" and "off" ("auto", "on", "off", ...). YAML 1.1
 # reads a bare on/off as a boolean; for these keys it is taken back as the word.
 Switch = typing.NewType("Switch", str)
+# The `mixed_precision` settings of train, evaluate and explain (animalcam.precision):
+# "auto" (float16 on a GPU, bfloat16 on a CPU with bfloat16 instructions, else float32),
+# "on" (16-bit compute wherever), "off" (float32), or a 16-bit type forced.
+PRECISION_SETTINGS = ("auto", "on", "off", "bfloat16", "float16")
 
 
 # numpy's legacy seeding and TensorFlow's op seeds take 32-bit values; keep to int32.
@@ -213,11 +217,12 @@ class TrainParams:
     # than a head trained for two epochs. 1: every variable at learning_rate (the study).
     backbone_lr_factor: float = 0.1
     # In a phase with backbone layers trainable, the rate rises linearly from
-    # learning_rate / N to learning_rate over its first N optimizer steps, capped at one
-    # epoch's steps (so ReduceLROnPlateau, acting at epoch ends, finds the full rate):
+    # learning_rate / N to learning_rate over its first N optimizer steps, however many
+    # epochs that takes (a ReduceLROnPlateau cut during the ramp carries through it):
     # a fresh Adam moves every weight by about one learning rate per step whatever its
     # gradient, and its moments need some steps to settle. 50 steps: 1/14 of an epoch of
-    # Animals-10 at batch 32 (690 steps), the whole first epoch of a 270-image sample.
+    # Animals-10 at batch 32 (690 steps), 5.6 epochs of a 270-image sample (capped at one
+    # epoch, the sample's first unfrozen epoch lost up to 11% of the warm-up's accuracy).
     # 0: no warm-up (the study).
     lr_warmup_steps: int = 50
     dense_units: int = 512
@@ -239,7 +244,10 @@ class TrainParams:
     reduce_lr_factor: float = 0.2
     reduce_lr_patience: int = 3
     min_lr: float = 1e-7
-    # "auto": float16 compute on a GPU, float32 elsewhere; "on"/"off" force it.
+    # "auto": float16 compute on a GPU, bfloat16 on a CPU with bfloat16 instructions
+    # (AVX512_BF16 or AMX: about twice float32's speed there), float32 elsewhere; "on"
+    # forces 16-bit compute (bfloat16 on any CPU), "off" float32, "bfloat16"/"float16"
+    # that type. Weights, softmax and loss stay float32; the saved model is float32.
     mixed_precision: Switch = "auto"
     # --- Faster paths (docs/benchmarks.md). Each changes the order or the kind of what
     # the model sees, so each is a dep of train; pure speed switches live in `speed`.
@@ -274,7 +282,7 @@ class TrainParams:
             "'imagenet', 'none' or a path to a weights file (no control characters)",
         )
         _check_choice(self, prefix, "preprocessing", ("backbone", "rescale"))
-        _check_choice(self, prefix, "mixed_precision", ("auto", "on", "off"))
+        _check_choice(self, prefix, "mixed_precision", PRECISION_SETTINGS)
         blocks = len(BACKBONES[self.backbone].blocks)
         trainable_ok = self.trainable in ("all", "head") or (
             isinstance(self.trainable, int) and 1 <= self.trainable <= blocks
@@ -379,8 +387,13 @@ class EvaluateParams:
     top_k: int = 3
     gallery_size: int = 16  # images in each of the correct / incorrect galleries
     calibration_bins: int = 15  # for the expected calibration error
+    # The predictions' precision, as train.mixed_precision ("auto": bfloat16 on a CPU
+    # with bfloat16 instructions). It changes probabilities in their third digit, so it
+    # is a key of this stage, not a speed switch (docs/benchmarks.md has the agreement).
+    mixed_precision: Switch = "auto"
 
     def check(self, prefix: str) -> None:
+        _check_choice(self, prefix, "mixed_precision", PRECISION_SETTINGS)
         _check_ints(
             self,
             prefix,
@@ -398,8 +411,13 @@ class ExplainParams:
     alpha: float = 0.4  # heatmap opacity in the overlay
     faithfulness_fraction: float = 0.2  # share of the image blurred in the check
     seed: int = 0  # places the random regions the faithfulness check compares against
+    # Grad-CAM's and the faithfulness check's precision, as train.mixed_precision ("auto":
+    # bfloat16 on a CPU with bfloat16 instructions; how close its maps come to float32's
+    # is in docs/benchmarks.md).
+    mixed_precision: Switch = "auto"
 
     def check(self, prefix: str) -> None:
+        _check_choice(self, prefix, "mixed_precision", PRECISION_SETTINGS)
         _check_ints(
             self,
             prefix,
@@ -420,6 +438,33 @@ class ExplainParams:
             self.faithfulness_fraction,
             "a number in (0, 1)",
         )
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """The export stage (models/export): the trained model as SavedModel, LiteRT float16
+    and int8, ONNX, and the bars their answers must meet against the Keras model on the
+    validation split (README, "Export and run on a device"). A form under its bar fails
+    the stage."""
+
+    # Training images (a seeded draw) whose activations calibrate the int8 ranges: a few
+    # hundred cover them; each one more is one more float pass in the conversion.
+    representative_images: int = 200
+    seed: int = 0  # draws the representative images
+    # Float forms (SavedModel, LiteRT float16, ONNX): share of validation images whose
+    # top-1 class equals the Keras model's. float16 rounding may flip a near tie.
+    min_agreement: float = 0.995
+    # int8: as above, and its accuracy at most this below the Keras model's. A rise is
+    # no fault: on a small split it is one close call going the other way, and the
+    # agreement bar already bounds how often int8 answers differently, either way.
+    int8_min_agreement: float = 0.98
+    int8_max_accuracy_drop: float = 0.01
+
+    def check(self, prefix: str) -> None:
+        _check_ints(self, prefix, representative_images=(1, 100_000), seed=(0, MAX_SEED))
+        for name in ("min_agreement", "int8_min_agreement", "int8_max_accuracy_drop"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"{prefix}.{name}", value, "a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -488,6 +533,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
+    export: ExportParams = field(default_factory=ExportParams)
     speed: SpeedParams = field(default_factory=SpeedParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 

@@ -9,7 +9,9 @@ a served photo gives the probabilities evaluate computes for the same file.
 A request is refused with HTTP 400 and a message naming the row when it has more than
 ``max_rows`` rows, more than ``max_bytes`` of image data, or an image whose header
 declares more than ``max_pixels`` pixels (checked before decoding); an animated image
-costs one frame.
+costs one frame. The network computes in the precision ``mixed_precision`` chooses on the
+machine that serves it (:mod:`animalcam.precision`; "auto": bfloat16 on a CPU with
+bfloat16 instructions, float32 on others), from the same float32 file.
 
 In: a DataFrame with a column ``image`` of encoded image bytes (the signature declares it
 ``binary``, so a REST request sends base64 strings and MLflow decodes them).
@@ -63,15 +65,23 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         max_rows: int = MAX_ROWS,
         max_bytes: int = MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        mixed_precision: str = "auto",
     ) -> None:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.mixed_precision = mixed_precision
 
     def load_context(self, context) -> None:
+        from animalcam import precision
         from animalcam.modeling import load_model
 
-        self.model = load_model(context.artifacts[KERAS_ARTIFACT])
+        # Decided where the model is served, not where it was logged.
+        setting = getattr(self, "mixed_precision", "auto")  # absent in older pickles
+        policy = precision.resolve_policy(setting, "ImageClassifier(mixed_precision=...)")
+        self.model = precision.inference_model(
+            load_model(context.artifacts[KERAS_ARTIFACT]), policy
+        )
         self.class_names = list(self.model.get_layer("predictions").class_names)
         height, width = self.model.inputs[0].shape[1:3]
         self.image_size = (int(height), int(width))

@@ -8,13 +8,14 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from animalcam import environment
 from animalcam.errors import AnimalcamError, EnvironmentVariableError
@@ -134,20 +135,34 @@ def start_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO once it is up
+    with native_stderr_logged():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe writes here, not later
+
+
+@contextlib.contextmanager
+def native_stderr_logged() -> Iterator[None]:
+    """Capture what C++ code writes to file descriptor 2 inside the block (TensorFlow's
+    start-up, the TFLite converter's ``fully_quantize`` line) and log it: expected and
+    INFO lines at DEBUG, anything else as a WARNING."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # the CUDA probe writes here, not later
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode("utf-8", "replace")
-    for line in text.splitlines():
-        kind = _TF_LINE.match(line)
-        quiet = not line.strip() or _STARTUP_NOISE.search(line) or (kind and kind[1] == "I")
-        (log.debug if quiet else log.warning)("tensorflow: %s", line)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            for line in text.splitlines():
+                kind = _TF_LINE.match(line)
+                quiet = (
+                    not line.strip()
+                    or _STARTUP_NOISE.search(line)
+                    or (kind and kind[1] == "I")
+                    or line.startswith("fully_quantize:")
+                )
+                (log.debug if quiet else log.warning)("tensorflow: %s", line)

@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from animalcam import features, fine_tuning, modeling, resume
+from animalcam import features, fine_tuning, modeling, precision, resume
 from animalcam.batches import steps_per_epoch
 from animalcam.dataset import Manifest
 from animalcam.errors import DataError, ModelError, ParamsError
@@ -106,22 +106,6 @@ def select_strategy(prefetch_to_device: bool = True) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def resolve_policy(mixed_precision: str) -> str:
-    """Keras dtype policy for ``train.mixed_precision`` ("auto", "on" or "off").
-
-    "auto" is mixed_float16 when a GPU is visible: half the memory traffic and tensor
-    cores, while variables and the softmax stay float32. On a CPU float16 is slower
-    than float32, so "auto" keeps float32 there.
-    """
-    if mixed_precision == "on":
-        if not tf.config.list_physical_devices("GPU"):
-            log.warning("train.mixed_precision is 'on' without a GPU: float16 on CPU is slow")
-        return "mixed_float16"
-    if mixed_precision == "auto" and tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "float32"
-
-
 def class_weights(labels: Sequence[int], class_names: Sequence[str]) -> dict[int, float]:
     """Inverse-frequency ("balanced") weight of each class, as scikit-learn computes it."""
     from sklearn.utils.class_weight import compute_class_weight
@@ -152,7 +136,8 @@ def compile_model(
 
     The variables of ``backbone_layers`` (layer names) update at ``learning_rate x
     backbone_lr_factor`` (fine_tuning.DiscriminativeAdam; a factor of 1 is plain Adam).
-    Under a mixed_float16 model Keras wraps Adam in a LossScaleOptimizer itself.
+    Under a mixed_float16 model Keras wraps Adam in a LossScaleOptimizer itself (under
+    mixed_bfloat16 it needs none: bfloat16 has float32's exponent range).
     """
     optimizer = fine_tuning.DiscriminativeAdam(
         learning_rate, backbone_layers=backbone_layers, backbone_lr_factor=backbone_lr_factor
@@ -338,10 +323,16 @@ def _plan(params, speed, class_names, train_set, val_set, strategy) -> _Plan:
     if top_k < params.top_k:
         log.warning("train.top_k = %d > %d classes; using %d", params.top_k, n_classes, top_k)
     balanced = params.class_weight == "balanced"
-    policy = resolve_policy(params.mixed_precision)
+    policy = precision.resolve_policy(params.mixed_precision, "train.mixed_precision")
     log.info(
-        "training %s on %d images (%d validation), %d classes, policy %s, %d replica(s)",
-        *(params.backbone, len(train_set), len(val_set), n_classes, policy, replicas),
+        "training %s on %d images (%d validation), %d classes, policy %s (%s), %d replica(s)",
+        params.backbone,
+        len(train_set),
+        len(val_set),
+        n_classes,
+        policy,
+        precision.describe(policy),
+        replicas,
     )
     return _Plan(
         params=params,
@@ -373,18 +364,18 @@ def trains_backbone(phase: Phase) -> bool:
 
 
 def _lr_warmup(phase: Phase, params: TrainParams, steps: int) -> list[keras.callbacks.Callback]:
-    """The learning-rate warm-up of ``phase`` (``steps`` per epoch), if it has one: at
-    most one epoch long, so the rate is the phase's own when ReduceLROnPlateau first acts
-    and a phase resumed after a finished epoch is past its warm-up."""
-    warmup_steps = min(params.lr_warmup_steps, steps)
-    if not trains_backbone(phase) or warmup_steps == 0:
+    """The learning-rate warm-up of ``phase`` (``steps`` per epoch), if it trains the
+    backbone. Not capped at one epoch: on a small dataset an epoch is a handful of
+    steps, and a ramp that short let the first unfrozen epoch lose up to a tenth of the
+    warm-up's accuracy on the real sample (docs/fine-tuning.md)."""
+    if not trains_backbone(phase) or params.lr_warmup_steps == 0:
         return []
-    if warmup_steps < params.lr_warmup_steps:
+    if params.lr_warmup_steps > steps:
         log.info(
-            "learning-rate warm-up: %d steps, one epoch (train.lr_warmup_steps caps at that)",
-            warmup_steps,
+            "learning-rate warm-up: %d steps, %.1f epochs of %d steps",
+            *(params.lr_warmup_steps, params.lr_warmup_steps / steps, steps),
         )
-    return [fine_tuning.LearningRateWarmup(phase.learning_rate, warmup_steps)]
+    return [fine_tuning.LearningRateWarmup(phase.learning_rate, params.lr_warmup_steps)]
 
 
 def _compile(fitted: keras.Model, phase: Phase, plan: _Plan, fast: bool) -> None:
@@ -463,7 +454,8 @@ def _metrics(model, trainable_params, plan, store, inputs, fast_phases) -> dict[
         "params_total": int(model.count_params()),
         "params_trainable": trainable_params,
         "replicas": plan.strategy.num_replicas_in_sync,
-        "mixed_precision": plan.policy == "mixed_float16",
+        "precision": plan.policy,  # the Keras dtype policy it trained under
+        "mixed_precision": plan.policy != precision.FLOAT32,  # 16-bit compute (either type)
         "xla": plan.speed.train_xla,
         "input": inputs.kind,
         "backbone_features_phases": ",".join(fast_phases),

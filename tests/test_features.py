@@ -86,6 +86,7 @@ def test_head_model_shares_the_full_models_head_weights():
     model = modeling.build_model("vgg16", ["a", "b"], image_size=32, dense_units=4, dropout=0.1)
     head = features.head_model(model)
     assert [layer.name for layer in head.layers[1:]] == [
+        "feature_scale",
         "dense",
         "dropout",
         "logits",

@@ -23,7 +23,7 @@ VGG16_LAYERS = [
     "block3_conv1", "block3_conv2", "block3_conv3", "block3_pool",
     "block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
     "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool",
-    "pool", "dense", "logits", "predictions",
+    "pool", "feature_scale", "dense", "logits", "predictions",
 ]  # fmt: skip
 
 
@@ -77,7 +77,9 @@ def test_every_registered_backbone_builds_with_its_registered_names(name):
     backbone = [layer.name for layer in modeling.backbone_layers(model)]
 
     assert names[:2] == ["image", "preprocess"]
-    assert names[-4:] == ["pool", "dense", "logits", "predictions"]
+    head = ["dense", "logits", "predictions"]
+    scaled = ["feature_scale"] if spec.feature_rms != 1.0 else []  # Caffe-scale features
+    assert names[-4 - len(scaled) :] == ["pool", *scaled, *head]
     assert model.get_layer("preprocess").mode == spec.preprocessing
     assert modeling.backbone_of(model) == spec
     (target,) = find_target_layer(model)  # a top-level layer: the model is flat

@@ -26,10 +26,11 @@ class Backbone:
     # the first layer named with the N-th prefix from the top and every backbone layer
     # after it become trainable (so a trailing "top_conv" goes with the top block).
     blocks: tuple[str, ...]
-    # Root mean square of its pooled features under its own preprocessing, roughly: the
-    # head's first layer starts with weights scaled down by it, so that the logits of a
-    # fresh head start near unit scale instead of saturating the softmax (measured and
-    # explained in docs/fine-tuning.md). 1.0: features already near unit scale.
+    # Root mean square of the pooled backbone features under the backbone's own
+    # preprocessing (100 sample images). The model divides the features by it
+    # (a fixed "feature_scale" layer before the head), so that a fresh head starts
+    # with unit-scale logits and Adam's steps move its output as they would on
+    # unit inputs (measured in docs/fine-tuning.md). 1.0: already near unit scale.
     feature_rms: float = 1.0
 
 

@@ -31,7 +31,7 @@ from animalcam.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-HEAD_LAYERS = ("dense", "dropout", "logits", "predictions")  # after "pool", in order
+HEAD_LAYERS = ("feature_scale", "dense", "dropout", "logits", "predictions")  # after "pool"
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

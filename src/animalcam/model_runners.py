@@ -70,6 +70,14 @@ class ModelRunner(ABC):
         """``(N, image_size, image_size, 3)`` uint8 RGB -> ``(N, classes)`` float32
         probabilities. ``N`` >= 1."""
 
+    def _take_metadata(self, path: Path) -> None:
+        """Source, class names and input size of an exported file, from the
+        export_metadata.json that travels with it."""
+        metadata = read_export_metadata(path)
+        self.source = str(path)
+        self.class_names = list(metadata.class_names)
+        self.image_size = metadata.image_size
+
     def describe(self) -> str:
         """One phrase for logs: kind, source, classes and input size."""
         return (
@@ -106,10 +114,7 @@ class SavedModelRunner(ModelRunner):
     def __init__(self, path: Path) -> None:
         import tensorflow as tf
 
-        metadata = read_export_metadata(path)
-        self.source = str(path)
-        self.class_names = list(metadata.class_names)
-        self.image_size = metadata.image_size
+        self._take_metadata(path)
         try:
             self._loaded = tf.saved_model.load(str(path))
             self._signature = self._loaded.signatures["serving_default"]
@@ -154,10 +159,7 @@ class LiteRtRunner(ModelRunner):
                 f"{path} is a LiteRT model and the LiteRT runtime is not installed; "
                 "install it with `pip install ai-edge-litert`."
             ) from None
-        metadata = read_export_metadata(path)
-        self.source = str(path)
-        self.class_names = list(metadata.class_names)
-        self.image_size = metadata.image_size
+        self._take_metadata(path)
         try:
             self._interpreter = Interpreter(
                 model_path=str(path), num_threads=num_threads or os.cpu_count()
@@ -228,10 +230,7 @@ class OnnxRunner(ModelRunner):
                 f"{path} is an ONNX model and onnxruntime is not installed; install the "
                 'extra with `pip install -e ".[onnx]"` (or `pip install onnxruntime`).'
             ) from None
-        metadata = read_export_metadata(path)
-        self.source = str(path)
-        self.class_names = list(metadata.class_names)
-        self.image_size = metadata.image_size
+        self._take_metadata(path)
         try:
             self._session = onnxruntime.InferenceSession(
                 str(path), providers=["CPUExecutionProvider"]

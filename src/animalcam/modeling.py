@@ -5,7 +5,9 @@ The graph (the model contract in docs, relied on by evaluate and explain)::
     image (H, W, 3) float32 RGB in [0, 255]
       -> Preprocess(mode, name="preprocess")
       -> the backbone's own layers, with Keras' names (block1_conv1 ... block5_pool)
-      -> GlobalAveragePooling2D(name="pool") -> Dense(units, relu, name="dense")
+      -> GlobalAveragePooling2D(name="pool")
+      -> [Rescaling(1 / feature_rms, name="feature_scale"): Caffe-scale backbones only]
+      -> Dense(units, relu, name="dense")
       -> [Dropout(name="dropout")] -> Dense(n_classes, name="logits")
       -> ClassProbabilities(class_names, name="predictions")
 
@@ -101,24 +103,18 @@ def build_model(
         if weights_path is not None:
             _load_backbone_weights(base, weights_path, spec)
         x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
-        x = keras.layers.Dense(
-            dense_units, activation="relu", name="dense", kernel_initializer=_head_init(spec, mode)
-        )(x)
+        if mode == spec.preprocessing and spec.feature_rms != 1.0:
+            # Caffe-scale features (RMS ~10 for VGG16) brought to unit scale: a fresh
+            # head starts with unit-scale logits, and each Adam step moves its output
+            # as much as on unit inputs (docs/fine-tuning.md). The study's 1/255 inputs
+            # keep the study's head exactly.
+            x = keras.layers.Rescaling(1.0 / spec.feature_rms, name="feature_scale")(x)
+        x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, name="dropout")(x)
         logits = keras.layers.Dense(len(class_names), name="logits")(x)
         probabilities = ClassProbabilities(list(class_names), name="predictions")(logits)
         return keras.Model(image, probabilities, name=MODEL_NAME_PREFIX + spec.name)
-
-
-def _head_init(spec: Backbone, mode: str) -> keras.initializers.Initializer:
-    """Glorot, scaled down by the backbone's feature scale under its own preprocessing,
-    so a fresh head's logits start near unit scale (docs/fine-tuning.md). The study's
-    1/255 inputs keep plain Glorot: its recipe stays exactly as it ran."""
-    if mode != spec.preprocessing or spec.feature_rms == 1.0:
-        return keras.initializers.GlorotUniform()
-    scale = 1.0 / spec.feature_rms**2  # variance scales with the square of the input
-    return keras.initializers.VarianceScaling(scale, mode="fan_avg", distribution="uniform")
 
 
 def _backbone(name: str) -> Backbone:
@@ -214,7 +210,7 @@ def set_trainable(model: keras.Model, policy: int | str) -> int:
     """Freeze the backbone per ``policy``; return the number of trainable parameters.
 
     ``policy`` is "all", "head" (backbone frozen) or N (the backbone's top N blocks
-    trainable, see Backbone.blocks). The head (pool, dense, logits) always trains.
+    trainable, see Backbone.blocks). The head (pool, feature_scale, dense, logits) always trains.
     Frozen BatchNormalization layers also run in inference mode, as Keras does for any
     layer with ``trainable=False``. Recompile the model afterwards.
     """

@@ -40,7 +40,9 @@ ITALIAN_CLASSES = (
 # (an empty batch through a convolution fails under oneDNN only), so .ci/run runs these
 # a second time under the setting this machine does not use by default (`-m model`).
 MODEL_TEST_MODULES = {
+    "test_audit",
     "test_dataset",
+    "test_determinism",
     "test_evaluation",
     "test_explanation",
     "test_export",
@@ -51,9 +53,11 @@ MODEL_TEST_MODULES = {
     "test_kills",
     "test_model_runners",
     "test_modeling",
+    "test_multiworker",
     "test_pipeline_full",
     "test_precision",
     "test_predict",
+    "test_report",
     "test_resume_state",
     "test_serving",
     "test_tracking",

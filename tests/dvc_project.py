@@ -12,7 +12,16 @@ import yaml
 from conftest import REPO_ROOT
 
 # What a clone holds that the pipeline needs; src/ because dvc.yaml lists it as deps.
-_PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+_PROJECT_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    ".gitignore",
+    ".dvcignore",
+    "data/exclude.txt",
+    "data/relabel.csv",
+    "requirements/linux-cpu.txt",
+    "requirements/linux-gpu.txt",
+)
 _PROJECT_DIRS = ("stages", "src")
 
 
@@ -36,6 +45,7 @@ class DvcProject:
     def create(cls, root: Path) -> DvcProject:
         root.mkdir(parents=True, exist_ok=True)
         for name in _PROJECT_FILES:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / name, root / name)
         for name in _PROJECT_DIRS:
             shutil.copytree(

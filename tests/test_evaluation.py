@@ -47,6 +47,11 @@ def random_predictions(n: int = 200, n_classes: int = 5, seed: int = 0):
     return y, p.astype(np.float32)
 
 
+def without_intervals(row: dict) -> dict:
+    """``row`` without its ``*_ci95`` keys (tests/test_intervals.py checks those)."""
+    return {k: v for k, v in row.items() if not k.endswith("_ci95")}
+
+
 def one_hot_probabilities(predicted, n_classes, confidence=1.0):
     rest = (1 - confidence) / (n_classes - 1)
     p = np.full((len(predicted), n_classes), rest)
@@ -69,7 +74,7 @@ def test_metrics_equal_scikit_learn():
         ]
     precision, recall, f1, support = precision_recall_fscore_support(y, y_pred, zero_division=0)
     for i, name in enumerate(CLASSES):
-        assert m["per_class"][name] == {
+        assert without_intervals(m["per_class"][name]) == {
             "precision": round(precision[i], 4),
             "recall": round(recall[i], 4),
             "f1": round(f1[i], 4),
@@ -83,8 +88,19 @@ def test_perfect_predictions():
     y = np.array([0, 1, 2, 3, 4, 4, 3])
     m = classification_metrics(y, one_hot_probabilities(y, 5), CLASSES, top_k=3)
     assert m["accuracy"] == m["top_k_accuracy"] == 1.0
-    assert m["macro_avg"] == m["weighted_avg"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    assert m["per_class"]["dog"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    # Resampled class by class, perfect predictions stay perfect: intervals [1, 1].
+    perfect = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "f1_ci95": [1.0, 1.0]}
+    assert m["macro_avg"] == m["weighted_avg"] == perfect
+    assert m["per_class"]["dog"] == {
+        "precision": 1.0,
+        "precision_ci95": [1.0, 1.0],
+        "recall": 1.0,
+        "recall_ci95": [1.0, 1.0],
+        "f1": 1.0,
+        "support": 2,
+    }
+    assert m["accuracy_ci95"] == [1.0, 1.0]
+    assert m["ci95"]["accuracy"] == m["ci95"]["macro_f1"] == {"low": 1.0, "high": 1.0}
     assert m["log_loss"] == 0.0
     assert m["ece"] == 0.0
     assert m["most_confused"] == []
@@ -96,7 +112,15 @@ def test_class_absent_from_validation_keeps_its_row():
     pred = np.array([0, 1, 2, 4, 0])
     m = classification_metrics(y, one_hot_probabilities(pred, 5, 0.8), CLASSES)
     assert list(m["per_class"]) == CLASSES
-    assert m["per_class"]["cow"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert without_intervals(m["per_class"]["cow"]) == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 0,
+    }
+    # Never present, never predicted: 0 in every resample too (zero_division=0).
+    cow = m["per_class"]["cow"]
+    assert cow["precision_ci95"] == cow["recall_ci95"] == [0.0, 0.0]
     assert m["per_class"]["butterfly"]["precision"] == 0.5
 
 

@@ -197,7 +197,7 @@ def test_sigterm_during_prepare_keeps_the_previous_outputs(prepared_project):
     wait_for(lambda: any(name.startswith(".prepared.") for name in temps(data)), stage)
     code, err = kill(stage, signal.SIGTERM)
 
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert_one_line(err, "animalcam prepare: stopped by SIGTERM")
     assert listing(data / "prepared") == before
     assert temps(data) == []  # cleaned up on the way out
@@ -237,7 +237,7 @@ def test_sigterm_during_download_keeps_data_raw(tmp_path, store):
     wait_for(lambda: any(name.startswith(".raw.") for name in temps(data)), stage)
     code, err = kill(stage, signal.SIGTERM)
 
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert_one_line(err, "animalcam download: stopped by SIGTERM")
     assert listing(data / "raw") == before
     assert temps(data) == []
@@ -265,7 +265,7 @@ def test_sigterm_during_training_keeps_the_resume_state(tmp_path, store):
     wait_for(state.is_file, stage, timeout=90)
     code, err = kill(stage, signal.SIGTERM)
 
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     assert_one_line(err, "animalcam train: stopped by SIGTERM")
     assert not (root / "models").exists()  # no model, no half-written one
     saved = json.loads(state.read_text())

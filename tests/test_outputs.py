@@ -142,3 +142,27 @@ def test_interrupted_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
 
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_a_stop_whose_exception_was_lost_still_refuses_to_commit(tmp_path, monkeypatch):
+    """A signal handler's exception raised inside a garbage-collector finalizer is lost;
+    the stop must still keep the old outputs."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    (tmp_path / "file.txt").write_text("old")
+    monkeypatch.setattr(outputs, "_stop_signal", None)
+    with pytest.raises(outputs.Terminated) as stopped, outputs.replace_directory(target) as new:
+        (new / "new.txt").write_text("new")
+        try:
+            raise outputs.request_stop(15)
+        except KeyboardInterrupt:
+            pass  # what "Exception ignored in: <finalizer>" amounts to
+    assert stopped.value.signal_name == "SIGTERM"
+    with pytest.raises(outputs.Terminated):
+        outputs.write_text(tmp_path / "file.txt", "new")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file.txt", "old.txt", "out"]
+    assert (tmp_path / "file.txt").read_text() == "old"
+    monkeypatch.setattr(outputs, "_stop_signal", None)
+    outputs.write_text(tmp_path / "file.txt", "new")  # without a stop, commits as ever
+    assert (tmp_path / "file.txt").read_text() == "new"

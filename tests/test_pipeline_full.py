@@ -1,6 +1,7 @@
 """End to end: the whole pipeline with `dvc repro` on tiny images, then what users do next
 (`dvc metrics show`, `dvc plots show`, `dvc exp run -S ...`, the MLflow UI's data)."""
 
+import hashlib
 import json
 
 import pytest
@@ -37,7 +38,17 @@ TINY = {
     },
     "speed": {"evaluate_batch_size": 8, "explain_batch_size": 4},
 }
-STAGES = ("download", "prepare", "images", "train", "evaluate", "explain", "export")
+STAGES = (
+    "download",
+    "prepare",
+    "images",
+    "audit",
+    "train",
+    "evaluate",
+    "explain",
+    "export",
+    "report",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +81,11 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline):
     evaluate = json.loads((root / "metrics/evaluate.json").read_text())
     assert set(evaluate["per_class"]) == set(CLASSES.values())
     for average in ("macro_avg", "weighted_avg"):
-        assert set(evaluate[average]) == {"precision", "recall", "f1"}
+        assert set(evaluate[average]) == {"precision", "recall", "f1", "f1_ci95"}
     assert 0 <= evaluate["accuracy"] <= 1
+    low, high = evaluate["accuracy_ci95"]
+    assert low <= evaluate["accuracy"] <= high
+    assert evaluate["ci95"]["accuracy"] == {"low": low, "high": high}
     predictions = read_csv(root / "plots/evaluate/predictions.csv")
     val = read_csv(root / "data/prepared/val.csv")
     assert [p["path"] for p in predictions] == [v["path"] for v in val]
@@ -91,6 +105,23 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline):
     for form in ("saved_model", "tflite_float16", "tflite_int8"):
         assert 0 <= export[form]["agreement"] <= 1 and export[form]["file_mb"] > 0
     assert (root / "models/export/model_int8.tflite").stat().st_size > 0
+
+    audit = json.loads((root / "metrics/audit.json").read_text())
+    assert audit["images_audited"] == len(read_csv(root / "data/prepared/train.csv")) + len(val)
+    issues = read_csv(root / "plots/audit/label_issues.csv")
+    assert audit["issues"] == len(issues)
+    manifest_paths = {r["path"] for r in read_csv(root / "data/prepared/train.csv") + val}
+    assert {r["path"] for r in issues} <= manifest_paths  # pastes into data/exclude.txt
+    assert Image.open(root / "plots/audit/label_issues.png").size[0] > 100
+    # The audit stored its plain features where train's frozen-backbone epochs look.
+    assert sorted(p.name for p in (root / ".animalcam/features").iterdir()) == [
+        "train.npz",
+        "val.npz",
+    ]
+
+    page = (root / "reports/report.html").read_text(encoding="utf-8")
+    assert 'id="evaluation"' in page and 'id="gradcam"' in page
+    assert page.count('<img src="data:image/') >= 6  # curves, confusion, galleries, Grad-CAM
 
 
 def test_dvc_shows_metrics_and_plots(pipeline):
@@ -122,6 +153,10 @@ def test_mlflow_holds_one_pipeline_run_with_a_child_per_stage(pipeline):
     assert set(children) == set(STAGES)
     assert parent.data.params["train.epochs"] == "2"
     assert "val_accuracy" in parent.data.metrics and "macro_f1" in parent.data.metrics
+    # Which pinned environment it ran on (README, "Pinned environments").
+    lock = hashlib.sha256((project.root / "requirements/linux-cpu.txt").read_bytes()).hexdigest()
+    assert children["train"].data.tags["lock.linux-cpu.sha256"] == lock
+    assert children["train"].data.tags["lock.installed"]
     history = client.get_metric_history(children["train"].info.run_id, "epoch/val_loss")
     assert [m.step for m in history] == [1, 2]
     (version,) = client.search_model_versions("name='animalcam-classifier'")
@@ -160,3 +195,40 @@ def test_a_speed_switch_reruns_nothing(pipeline):
         assert set(status) == {"download", "train"}
     finally:
         path.write_text(before)
+
+
+def test_a_test_split_takes_over_the_reported_figures(pipeline):
+    project, _ = pipeline
+    root = project.root
+    result = project.run("dvc", "exp", "run", "-S", "prepare.test_split=0.2")
+    assert "Running stage 'explain'" in result.stdout
+
+    splits = {name: read_csv(root / f"data/prepared/{name}.csv") for name in ("train", "val")}
+    splits["test"] = read_csv(root / "data/prepared/test.csv")
+    paths = {name: {r["path"] for r in rows} for name, rows in splits.items()}
+    assert not (paths["train"] & paths["val"] or paths["train"] & paths["test"])
+    assert not paths["val"] & paths["test"]
+    for rows in splits.values():  # every class in every split
+        assert {r["label"] for r in rows} == set(CLASSES.values())
+    assert json.loads((root / "metrics/data.json").read_text())["images"] == {
+        "train": 18,
+        "val": 6,
+        "test": 6,
+    }
+    assert set(json.loads((root / "data/images/index.json").read_text())["splits"]) == {
+        "train",
+        "val",
+        "test",
+    }
+    # Training still chose its epoch on validation; evaluate and explain report on test.
+    assert json.loads((root / "metrics/train.json").read_text())["val_images"] == 6
+    evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+    assert evaluate["split"] == "test" and evaluate["n_samples"] == 6
+    assert evaluate["val"]["n_samples"] == 6
+    low, high = evaluate["val"]["accuracy_ci95"]
+    assert low <= evaluate["val"]["accuracy"] <= high
+    assert "per_class" not in evaluate["val"]
+    predictions = read_csv(root / "plots/evaluate/predictions.csv")
+    assert {p["path"] for p in predictions} == paths["test"]
+    explained = {p.stem for p in (root / "plots/gradcam").rglob("*.png")}
+    assert explained, "explain drew no panels"

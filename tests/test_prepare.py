@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ from PIL import Image
 from animalcam.errors import DataError, SourceNotFoundError
 from animalcam.outputs import read_csv
 from animalcam.params import PrepareParams
-from animalcam.prepare import data_metrics, prepare_dataset
+from animalcam.prepare import (
+    class_distribution_columns,
+    class_distribution_rows,
+    data_metrics,
+    prepare_dataset,
+)
 
 PARAMS = PrepareParams(min_side=16, min_per_class=4)
 
@@ -243,3 +249,122 @@ def test_every_accepted_image_reads_the_same_in_every_later_stage(tmp_path):
     for row in rows:
         in_graph = load_image(row["path"], 24).numpy()
         assert np.array_equal(in_graph, model_pixels(row["path"], (24, 24)).astype(np.float32))
+
+
+def test_a_test_split_is_a_third_disjoint_stratified_manifest(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    make_class_tree(raw, per_class=20)
+    out = tmp_path / "prepared"
+    params = dataclasses.replace(PARAMS, test_split=0.15)
+    result = prepare_dataset(raw, out, params, workers=1)
+
+    splits = {name: read_csv(out / f"{name}.csv") for name in ("train", "val", "test")}
+    paths = [{r["path"] for r in rows} for rows in splits.values()]
+    assert sum(map(len, paths)) == len(set.union(*paths)) == 200  # disjoint, all there
+    for name in ("val", "test"):
+        assert Counter(r["label"] for r in splits[name]) == {c: 3 for c in result.classes}
+    metrics = data_metrics(result)
+    assert metrics["images"] == {"train": 140, "val": 30, "test": 30}
+    assert class_distribution_columns(result) == ("class", "train", "val", "test")
+    assert ("butterfly", 14, 3, 3) in class_distribution_rows(result)
+    # Without it, only the two manifests of the study's split.
+    prepare_dataset(raw, out, PARAMS, workers=1)
+    assert sorted(p.name for p in out.glob("*.csv")) == ["rejected.csv", "train.csv", "val.csv"]
+
+
+def corrections_project(tmp_path, exclude: str = "", relabel: str = "") -> Path:
+    raw = tmp_path / "data" / "raw"
+    make_class_tree(raw, per_class=6, classes=("cane", "gatto", "ragno"))
+    (tmp_path / "params.yaml").write_text("prepare:\n  min_side: 16\n  min_per_class: 4\n")
+    if exclude:
+        (tmp_path / "data" / "exclude.txt").write_text(exclude)
+    if relabel:
+        (tmp_path / "data" / "relabel.csv").write_text(relabel)
+    return tmp_path
+
+
+def run_prepare_stage(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "prepare.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANIMALCAM_LOG_LEVEL": "INFO", "MLFLOW_TRACKING_URI": ""},
+        check=False,
+    )
+
+
+def test_confirmed_label_issues_are_dropped_or_relabelled_and_counted(tmp_path):
+    root = corrections_project(
+        tmp_path,
+        exclude="# confirmed in the audit gallery\ndata/raw/cane/img_0.jpg\n\n"
+        "./data/raw/gatto/img_1.jpg  # a basket, not a cat\ndata/raw/gone.jpg\n",
+        relabel="path,label,score\ndata/raw/ragno/img_2.jpg,dog,0.9\n"
+        "data/raw/cane/img_3.jpg,gatto,0.8\n",
+    )
+    raw_before = snapshot(root / "data" / "raw")
+    run = run_prepare_stage(root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        "label corrections: dropped 2 image(s) listed in data/exclude.txt, relabelled 2 from "
+        "data/relabel.csv" in run.stderr
+    )
+    assert "1 path(s) in data/exclude.txt / data/relabel.csv match no image" in run.stderr
+    rows = read_csv(root / "data/prepared/train.csv") + read_csv(root / "data/prepared/val.csv")
+    labels = {r["path"]: r["label"] for r in rows}
+    assert "data/raw/cane/img_0.jpg" not in labels and "data/raw/gatto/img_1.jpg" not in labels
+    assert labels["data/raw/ragno/img_2.jpg"] == "dog"
+    assert labels["data/raw/cane/img_3.jpg"] == "cat"  # the folder name maps to English
+    assert len(labels) == 16
+    rejected = read_csv(root / "data/prepared/rejected.csv")
+    assert {(r["path"], r["reason"]) for r in rejected} == {
+        ("data/raw/cane/img_0.jpg", "excluded"),
+        ("data/raw/gatto/img_1.jpg", "excluded"),
+    }
+    metrics = json.loads((root / "metrics/data.json").read_text())
+    assert metrics["corrections"] == {"excluded": 2, "relabelled": 2}
+    assert snapshot(root / "data" / "raw") == raw_before  # sources never touched
+
+
+@pytest.mark.parametrize(
+    ("exclude", "relabel", "message"),
+    [
+        (
+            "",
+            "path;label\ndata/raw/cane/img_0.jpg;cat\n",
+            "animalcam prepare: error: data/relabel.csv must start with the header "
+            "'path,label' (found 'path;label');",
+        ),
+        (
+            "",
+            "path,label\ndata/raw/cane/img_0.jpg,unicorn\n",
+            "animalcam prepare: error: data/relabel.csv, line 2: 'unicorn' is not a class;",
+        ),
+        (
+            "",
+            "path,label\ndata/raw/cane/img_0.jpg,horse\n",
+            "animalcam prepare: error: data/relabel.csv names the class 'horse', which is not "
+            "in the data (classes: cat, dog, spider); fix the label.",
+        ),
+        (
+            "data/raw/cane/img_0.jpg\n",
+            "path,label\ndata/raw/cane/img_0.jpg,cat\n",
+            "animalcam prepare: error: data/raw/cane/img_0.jpg is listed in both "
+            "data/exclude.txt and data/relabel.csv",
+        ),
+    ],
+)
+def test_bad_correction_files_fail_in_one_line_and_keep_the_outputs(
+    tmp_path, exclude, relabel, message
+):
+    root = corrections_project(tmp_path)
+    assert run_prepare_stage(root).returncode == 0
+    before = snapshot(root / "data" / "prepared")
+    if exclude:
+        (root / "data" / "exclude.txt").write_text(exclude)
+    (root / "data" / "relabel.csv").write_text(relabel)
+    run = run_prepare_stage(root)
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert snapshot(root / "data" / "prepared") == before

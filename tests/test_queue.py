@@ -141,7 +141,7 @@ def test_two_queued_experiments_against_a_server_keep_their_own_runs(tmp_path, m
     """One experiment retrains (prepare and cache shared with the baseline), the other
     changes explain.* only (the baseline's model shared from the cache): each gets its own
     pipeline run, and the baseline's run keeps its metrics."""
-    project = tiny_project(tmp_path, mlflow_server, "explain", "export")
+    project = tiny_project(tmp_path, mlflow_server, "explain", "export", "audit")
     client, parents = pipeline_runs(mlflow_server)
     (baseline,) = parents.values()
     baseline_train = stage_children(client, baseline)["train"][0].info.run_id

@@ -14,7 +14,8 @@ def readme_code_blocks() -> list[str]:
 def test_ci_runs_the_readme_set_up_then_test_command_exactly():
     blocks = readme_code_blocks()
     setup, tests = blocks[0], blocks[1]
-    assert setup == 'python -m pip install -e ".[dev]"'
+    # The pinned versions (tests/test_locks.py), the project and its test tools.
+    assert setup == 'python -m pip install -c requirements/linux-cpu.txt -e ".[dev]"'
     assert tests == "python -m pytest"
     ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
     assert setup in ci and tests in ci

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from animalcam.errors import DataError
-from animalcam.splitting import stratified_group_split
+from animalcam.splitting import split_names, stratified_group_split
 
 
 def labels_and_groups(per_class=(40, 20, 100)):
@@ -55,3 +55,28 @@ def test_a_class_that_is_one_big_group_cannot_be_split():
     groups = [0] * 10 + list(range(1, 11))
     with pytest.raises(DataError, match=r"class 'a'.*near-duplicate"):
         stratified_group_split(labels, groups, 0.15, seed=0)
+
+
+def test_without_a_test_split_validation_is_drawn_as_before():
+    labels, groups = labels_and_groups()
+    names = split_names(labels, groups, 0.15, 0.0, seed=4)
+    assert set(names) == {"train", "val"}
+    assert ((names == "val") == stratified_group_split(labels, groups, 0.15, seed=4)).all()
+
+
+def test_three_splits_are_disjoint_stratified_and_keep_groups_whole():
+    labels, groups = labels_and_groups((60, 40, 100))
+    groups = [g // 2 for g in groups]  # pairs of near-duplicates
+    names = split_names(labels, groups, 0.15, 0.15, seed=5)
+    counts = Counter(zip(labels, names, strict=True))
+    for label, n in (("class0", 60), ("class1", 40), ("class2", 100)):
+        for split in ("val", "test"):
+            assert abs(counts[label, split] - 0.15 * n) <= 1, (label, split, counts)
+        assert counts[label, "train"] == n - counts[label, "val"] - counts[label, "test"]
+    by_group: dict[int, set[str]] = {}
+    for g, name in zip(groups, names, strict=True):
+        by_group.setdefault(g, set()).add(name)
+    assert all(len(sides) == 1 for sides in by_group.values())
+    again = split_names(labels, groups, 0.15, 0.15, seed=5)
+    assert (names == again).all()
+    assert (names != split_names(labels, groups, 0.15, 0.15, seed=6)).any()

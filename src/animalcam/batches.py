@@ -13,7 +13,9 @@ autotuning. :class:`BatchSettings` carries what it needs.
 - :func:`streamed_batches`: one pass over a stream of unknown length (predict).
 - :func:`epoch_batches`: training epochs ``first .. end - 1``; epoch ``e`` depends on
   ``(seed, e)`` only, so a run resumed at epoch ``e`` sees the batches an uninterrupted
-  run would have seen there.
+  run would have seen there, augmented alike: each batch carries its index in its
+  epoch to the augmentation, whose draws are keyed by (epoch, batch index)
+  (animalcam.augmentation).
 
 An adapter overrides one small function: :class:`IndexedExamples` takes a tensor of
 indices (files, features, shuffled with a stateless permutation); a source that can
@@ -24,13 +26,18 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from animalcam.params import TrainParams
+
+# What augments a batch: ``augment(x, training=True, epoch=e, batch=b)``, its draws
+# keyed by (e, b) (animalcam.augmentation.Augmentation; not imported here, so that the
+# stages that only read batches do not depend on the augmentation code).
+Augment = Callable[..., tf.Tensor]
 
 UNLABELLED = -1  # the class index of an example whose class is unknown (inference)
 
@@ -119,15 +126,16 @@ def ordered_batches(
     *,
     num_classes: int | None = None,
     labels: bool = True,
-    augment: keras.Sequential | None = None,
+    augment: Augment | None = None,
 ) -> tf.data.Dataset:
     """One pass over ``examples`` in index order, batched and prefetched.
 
     Yields ``(x, labels)`` (one-hot float32 when ``num_classes`` is given, else class
     indices) or, with ``labels=False``, ``x`` only. ``augment`` is applied to each
-    batch in training mode.
+    batch in training mode, its draws keyed by (epoch 0, batch index).
     """
-    ds = _labelled(examples.in_order().batch(settings.batch_size), num_classes, labels, augment)
+    batches = examples.in_order().batch(settings.batch_size)
+    ds = _labelled(batches, num_classes, labels, augment, 0)
     steps = steps_per_epoch(len(examples), settings.batch_size)
     return _finish(ds, steps, settings)
 
@@ -139,16 +147,14 @@ def epoch_batches(
     first_epoch: int,
     end_epoch: int,
     num_classes: int,
-    augment: keras.Sequential | None = None,
+    augment: Augment | None = None,
 ) -> tf.data.Dataset:
     """Shuffled training batches ``(x, one-hot labels)`` for epochs ``first_epoch ..
     end_epoch - 1``, back to back: ``steps_per_epoch(len(examples), batch_size)`` an
     epoch, epochs never mixed in one batch. Feed it to ``Model.fit`` with that
     ``steps_per_epoch`` so that Keras keeps one iterator across epochs."""
-    # Epochs as Python ints, chained: a shuffle buffer's seed must be a Python int. Each
-    # epoch gets its own augmentation map, so a resumed epoch starts its draws where an
-    # uninterrupted run's epoch does (they are stateful ops under a parallel map, so not
-    # bit-identical; batch order and labels are).
+    # Epochs as Python ints, chained: a shuffle buffer's seed must be a Python int, and
+    # each epoch's augmentation keys its draws by the epoch.
     epochs = range(first_epoch, max(end_epoch, first_epoch + 1))
     ds = functools.reduce(
         tf.data.Dataset.concatenate,
@@ -158,6 +164,7 @@ def epoch_batches(
                 num_classes,
                 True,
                 augment,
+                e,
             )
             for e in epochs
         ),
@@ -169,8 +176,10 @@ def epoch_batches(
     return _finish(ds, steps, settings)
 
 
-def _labelled(ds, num_classes, labels, augment) -> tf.data.Dataset:
-    """Labels (one-hot, indices or dropped) and augmentation of a stream of batches."""
+def _labelled(ds, num_classes, labels, augment, epoch) -> tf.data.Dataset:
+    """Labels (one-hot, indices or dropped) and augmentation of a stream of batches
+    (the batches of one epoch: augmentation keys its draws by ``epoch`` and the batch's
+    index, numbered before the parallel map, so not by the order the map runs them in)."""
 
     def label(x, y):
         if not labels:
@@ -182,10 +191,12 @@ def _labelled(ds, num_classes, labels, augment) -> tf.data.Dataset:
     ds = ds.map(label, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if augment is not None:
 
-        def transform(x, *y):
-            return (augment(x, training=True), *y) if y else augment(x, training=True)
+        def transform(batch, element):
+            x, y = element if isinstance(element, tuple) else (element, None)
+            x = augment(x, training=True, epoch=epoch, batch=batch)
+            return x if y is None else (x, y)
 
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds
 
 

@@ -1,15 +1,18 @@
-"""The ``animalcam`` command: ``animalcam predict PATH...`` (``python -m animalcam`` too).
+"""The ``animalcam`` command: ``animalcam predict PATH...``, ``animalcam compare A B``
+(``python -m animalcam`` too).
 
-One subcommand per use of a trained model (``predict`` now; argparse subparsers, so
-``compare`` and others fit in beside it). Errors follow the stages' rule
-(:func:`animalcam.stage.run_stage`): one line on stderr, no traceback unless
-``ANIMALCAM_DEBUG=1``.
+One subcommand per use of a trained model (argparse subparsers). Errors follow the
+stages' rule (:func:`animalcam.stage.run_stage`): one line on stderr, no traceback
+unless ``ANIMALCAM_DEBUG=1``.
 
 Exit codes of ``predict``: 0 every file predicted; 1 the run finished but some files
 could not be used (their reasons are in the CSV's ``error`` column); 2 nothing or not all
 was predicted because of the arguments, the model or the data (bad option, missing
 model, no files found); 130 interrupted (Ctrl-C), 128 + N stopped by signal N. Rows
 written before an interruption stay in the CSV.
+
+Exit codes of ``compare``: 0 the report was printed (whatever its verdict); 2 bad
+arguments, or A or B not found or not comparable (other images, other labels).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ import sys
 from collections.abc import Sequence
 
 from animalcam.errors import DataError
-from animalcam.params import PRECISION_SETTINGS
+from animalcam.params import (
+    MAX_BOOTSTRAP_RESAMPLES,
+    MAX_SEED,
+    MIN_BOOTSTRAP_RESAMPLES,
+    PRECISION_SETTINGS,
+    EvaluateParams,
+)
 from animalcam.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def _int_in(low: int, high: int):
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number in [{low}, {high}], got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
             "(about twice as fast; a near tie may flip) or float16 on a GPU"
         ),
     )
-    p.set_defaults(handler=run_predict)
+    p.set_defaults(handler=run_predict, tensorflow=True)
+
+    source = (
+        "a predictions.csv of the evaluate stage (or a folder holding one), an MLflow run "
+        "id (an evaluate-stage run or its pipeline run), a DVC experiment's name (its "
+        "evaluate run) or an MLflow experiment name (its latest finished evaluate-stage run)"
+    )
+    c = commands.add_parser(
+        "compare",
+        help="is B's accuracy really different from A's? (paired test on the same images)",
+        description=(
+            "Compare two evaluated models on the same images: accuracy of each, B - A "
+            "with a paired bootstrap 95% interval, McNemar's exact p-value and a verdict. "
+            "Exit code 0: report printed; 2: bad arguments, A or B not found or not on "
+            "the same images."
+        ),
+    )
+    c.add_argument("a", metavar="A", help=source)
+    c.add_argument("b", metavar="B", help="the same for the model compared with A")
+    defaults = EvaluateParams()  # as the intervals in metrics/evaluate.json
+    c.add_argument(
+        "--resamples",
+        type=_int_in(MIN_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_RESAMPLES),
+        default=defaults.bootstrap_resamples,
+        metavar="N",
+        help=f"bootstrap resamples (default: {defaults.bootstrap_resamples})",
+    )
+    c.add_argument(
+        "--seed",
+        type=_int_in(0, MAX_SEED),
+        default=defaults.bootstrap_seed,
+        metavar="S",
+        help=f"seed of the resamples (default: {defaults.bootstrap_seed})",
+    )
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(handler=run_compare, tensorflow=False)
     return parser
 
 
@@ -148,7 +209,22 @@ def run_predict(args: argparse.Namespace) -> None:
         sys.exit(EXIT_FAILED_ROWS)
 
 
+def run_compare(args: argparse.Namespace) -> None:
+    """``animalcam compare``: read A and B, compare them, print the report."""
+    import json
+
+    from animalcam import comparison
+    from animalcam.prediction_sources import load_predictions
+
+    a, b = load_predictions(args.a), load_predictions(args.b)
+    result = comparison.compare_predictions(a, b, n_resamples=args.resamples, seed=args.seed)
+    if args.json:
+        print(json.dumps(comparison.comparison_dict(result), indent=2))
+    else:
+        print(comparison.format_comparison(result))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``animalcam`` console script; never returns."""
     args = build_parser().parse_args(argv)
-    run_stage(lambda: args.handler(args), args.command, tensorflow=True)
+    run_stage(lambda: args.handler(args), args.command, tensorflow=args.tensorflow)

@@ -61,6 +61,22 @@ def declared_stage(stage: str, workspace: str | Path = ".") -> DeclaredStage:
     )
 
 
+def stage_writing(path: str, workspace: str | Path = ".") -> str | None:
+    """The stage whose ``outs``, ``metrics`` or ``plots`` in ``workspace/dvc.yaml`` hold
+    ``path`` (the output itself or a folder above it); None when no stage writes it."""
+    stages = _read_yaml(Path(workspace) / "dvc.yaml").get("stages")
+    target = PurePosixPath(path)
+    for name, entry in (stages if isinstance(stages, dict) else {}).items():
+        for kind in ("outs", "metrics", "plots"):
+            listed = entry.get(kind) if isinstance(entry, dict) else None
+            for out in listed if isinstance(listed, list) else ():
+                out = next(iter(out), "") if isinstance(out, dict) else out
+                out = PurePosixPath(str(out).rstrip("/"))
+                if target == out or out in target.parents:
+                    return str(name)
+    return None
+
+
 def _params_keys(entries: object) -> tuple[str, ...] | None:
     """The params.yaml keys of a stage's ``params`` list: bare keys, and the keys listed
     under ``params.yaml:`` (None, all of it, when that lists none). Other files are not

@@ -21,6 +21,11 @@ from animalcam.errors import EnvironmentVariableError
 LOG_LEVEL = "ANIMALCAM_LOG_LEVEL"
 DEBUG = "ANIMALCAM_DEBUG"
 PIPELINE_RUN_ID = "ANIMALCAM_PIPELINE_RUN_ID"
+WORKER_TIMEOUT = "ANIMALCAM_WORKER_TIMEOUT"
+# Seconds a worker of a multi-worker training waits for the others (animalcam.distributed):
+# long enough for the chief to open its MLflow run and save an epoch's state before the
+# next all-reduce, short enough that a hung peer ends the run within minutes.
+DEFAULT_WORKER_TIMEOUT = 120
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -83,6 +88,22 @@ def pipeline_run_id() -> str | None:
     return text
 
 
+def worker_timeout() -> int:
+    """``$ANIMALCAM_WORKER_TIMEOUT``: seconds a worker of a multi-worker training waits for
+    the others (to join, at each all-reduce); a whole number in [1, 86400], 120 when
+    unset or blank."""
+    raw = os.environ.get(WORKER_TIMEOUT, "")
+    text = raw.strip()
+    if not text:
+        return DEFAULT_WORKER_TIMEOUT
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 86400:
+        return int(text)
+    raise EnvironmentVariableError(
+        f"{WORKER_TIMEOUT}={_show(raw)} is not allowed; expected a whole number of seconds "
+        f"in [1, 86400]; unset it for {DEFAULT_WORKER_TIMEOUT}."
+    )
+
+
 def text_variable(name: str, limit: int = 250) -> str | None:
     """An informational variable (``DVC_EXP_NAME``, ...) fit for a tag or a run name:
     bytes that are not UTF-8 and control characters replaced, at most ``limit``
@@ -98,6 +119,7 @@ def check_environment() -> None:
     log_level()
     debug_enabled()
     pipeline_run_id()
+    worker_timeout()
 
 
 _short = reprlib.Repr()

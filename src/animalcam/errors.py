@@ -51,3 +51,7 @@ class DownloadError(AnimalcamError, ConnectionError):
 
 class EnvironmentVariableError(AnimalcamError, ValueError):
     """An environment variable animalcam reads (ANIMALCAM_LOG_LEVEL, ...) holds a bad value."""
+
+
+class ClusterError(AnimalcamError, ConnectionError):
+    """A multi-worker training (``TF_CONFIG``) lost a worker, or its workers disagree."""

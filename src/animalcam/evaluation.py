@@ -4,7 +4,8 @@ Everything scikit-learn computes is taken from scikit-learn (precision/recall/F1
 confusion matrix, log loss, top-k accuracy, the text report), always with ``labels=`` set
 to every class, so that a class missing from a small validation split still gets its row
 and the numbers do not shift. What scikit-learn lacks is here: the expected calibration
-error and the most-confused class pairs.
+error and the most-confused class pairs; the bootstrap intervals come from
+:mod:`animalcam.intervals`.
 
 Inputs are ``y_true`` (class indices), ``probabilities`` (one row per sample, one column
 per class, as the model's softmax gives them) and ``class_names`` (English, index order).
@@ -16,7 +17,7 @@ given. :func:`write_evaluation` writes everything the evaluate stage puts under
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from animalcam import figures
 from animalcam.errors import DataError, ModelError
 from animalcam.examples import read_rgb, select_examples
+from animalcam.intervals import classification_intervals
 from animalcam.outputs import write_bytes, write_csv, write_text
 from animalcam.params import EvaluateParams
 
@@ -48,6 +50,25 @@ PREDICTIONS_HEADER = ("path", "actual", "predicted", "confidence")
 
 def _round(value: float) -> float:
     return round(float(value), DIGITS)
+
+
+def _round_interval(bounds: Sequence[float]) -> list[float]:
+    """``[low, high]``, rounded as :func:`_round` rounds the value it brackets (so it
+    still contains it)."""
+    low, high = bounds
+    return [_round(low), _round(high)]
+
+
+def headline_intervals(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The headline intervals again as ``{name: {"low", "high"}}``: DVC leaves lists out
+    of ``dvc metrics show/diff`` and ``dvc exp show``, so ``ci95.accuracy.low`` is what
+    those tables can show beside ``accuracy``."""
+    pairs = {
+        "accuracy": metrics["accuracy_ci95"],
+        "macro_f1": metrics["macro_avg"]["f1_ci95"],
+        "weighted_f1": metrics["weighted_avg"]["f1_ci95"],
+    }
+    return {name: {"low": low, "high": high} for name, (low, high) in pairs.items()}
 
 
 def check_predictions(
@@ -180,6 +201,8 @@ def classification_metrics(
     top_k: int = 3,
     calibration_bins: int = 15,
     n_confused: int = 5,
+    bootstrap_resamples: int = EvaluateParams.bootstrap_resamples,
+    bootstrap_seed: int = EvaluateParams.bootstrap_seed,
 ) -> dict[str, Any]:
     """Every number of ``metrics/evaluate.json``, floats rounded to 4 decimals.
 
@@ -188,10 +211,22 @@ def classification_metrics(
     recall, f1, support``), ``log_loss``, ``ece`` (``calibration_bins`` equal-width
     bins), ``most_confused`` (top ``n_confused`` pairs) and ``n_samples``. A class that
     is never predicted has precision 0 (scikit-learn's ``zero_division=0``).
+
+    Beside ``accuracy``, the two averages' ``f1`` and each class's ``precision`` and
+    ``recall``, a ``<metric>_ci95: [low, high]``: the 95% percentile interval of a
+    bootstrap stratified by true class, ``bootstrap_resamples`` resamples drawn from
+    ``bootstrap_seed`` (:func:`animalcam.intervals.classification_intervals`; a resample
+    that never predicts a class counts its precision as 0, as above). It contains the
+    value. ``ci95`` repeats the three headline ones for DVC (:func:`headline_intervals`).
     """
     y, p = check_predictions(y_true, probabilities, class_names)
     labels = list(range(len(class_names)))
     y_pred = p.argmax(axis=1)
+    ci = classification_intervals(
+        confusion_counts(y, y_pred, len(class_names)),
+        n_resamples=bootstrap_resamples,
+        seed=bootstrap_seed,
+    )
 
     per_class_prf = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
     precision, recall, f1, support = per_class_prf
@@ -204,21 +239,25 @@ def classification_metrics(
             "precision": _round(avg_p),
             "recall": _round(avg_r),
             "f1": _round(avg_f),
+            "f1_ci95": _round_interval(getattr(ci, f"{average}_f1")),
         }
 
     # Rows renormalised in float64: float32 softmax rows sum to 1 only within ~1e-7,
     # which scikit-learn's log_loss warns about.
     p_normalised = p / p.sum(axis=1, keepdims=True)
-    return {
+    metrics = {
         "n_samples": len(y),
         "accuracy": _round(accuracy_score(y, y_pred)),
+        "accuracy_ci95": _round_interval(ci.accuracy),
         "top_k": top_k,
         "top_k_accuracy": _round(top_k_accuracy(y, p_normalised, top_k)),
         **averages,
         "per_class": {
             name: {
                 "precision": _round(precision[i]),
+                "precision_ci95": _round_interval(ci.precision[i]),
                 "recall": _round(recall[i]),
+                "recall_ci95": _round_interval(ci.recall[i]),
                 "f1": _round(f1[i]),
                 "support": int(support[i]),
             }
@@ -229,6 +268,8 @@ def classification_metrics(
         "calibration_bins": calibration_bins,
         "most_confused": most_confused(y, y_pred, class_names, n_confused),
     }
+    metrics["ci95"] = headline_intervals(metrics)
+    return metrics
 
 
 def classification_report_text(
@@ -292,7 +333,9 @@ def predict_probabilities(model: Any, batches: Iterable[Any]) -> np.ndarray:
     return np.concatenate(outputs, axis=0)
 
 
-# Files of the evaluate stage under plots/evaluate/ (see write_evaluation).
+# Files of the evaluate stage under PLOTS_DIR (see write_evaluation); the stage logs the
+# folder to MLflow under the same path, so `animalcam compare` finds them there too.
+PLOTS_DIR = "plots/evaluate"
 PREDICTIONS_CSV = "predictions.csv"
 CONFUSION_PNG = "confusion.png"
 CALIBRATION_CSV = "calibration.csv"
@@ -307,7 +350,7 @@ def write_evaluation(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     params: EvaluateParams,
-    plots_dir: str | Path = "plots/evaluate",
+    plots_dir: str | Path = PLOTS_DIR,
 ) -> dict[str, Any]:
     """Write the evaluate stage's files and return the ``metrics/evaluate.json`` dict.
 
@@ -321,7 +364,13 @@ def write_evaluation(
     plots_dir = Path(plots_dir)
     y, p = check_predictions(y_true, probabilities, class_names)
     metrics = classification_metrics(
-        y, p, class_names, top_k=params.top_k, calibration_bins=params.calibration_bins
+        y,
+        p,
+        class_names,
+        top_k=params.top_k,
+        calibration_bins=params.calibration_bins,
+        bootstrap_resamples=params.bootstrap_resamples,
+        bootstrap_seed=params.bootstrap_seed,
     )
     rows = prediction_rows(paths, y, p, class_names)
     write_csv(plots_dir / PREDICTIONS_CSV, PREDICTIONS_HEADER, rows)
@@ -358,3 +407,28 @@ def _write_galleries(
     ):
         images = [read_rgb(row["path"]) for row in selected]
         write_bytes(plots_dir / name, figures.gallery_png(images, selected, heading=heading))
+
+
+def headline_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    """The split-level figures of :func:`classification_metrics` (accuracy, the two
+    averages, their intervals, log loss, ``n_samples``): what evaluate keeps of the
+    validation split when it reports on a test split."""
+    metrics = classification_metrics(
+        y_true,
+        probabilities,
+        class_names,
+        top_k=params.top_k,
+        calibration_bins=params.calibration_bins,
+        bootstrap_resamples=params.bootstrap_resamples,
+        bootstrap_seed=params.bootstrap_seed,
+    )
+    return {key: value for key, value in metrics.items() if key not in _PER_CLASS_DETAIL}
+
+
+# What the validation summary leaves out: per-class tables and lists of pairs.
+_PER_CLASS_DETAIL = ("per_class", "most_confused")

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from animalcam.batches import IndexedExamples
+from animalcam.batches import Augment, IndexedExamples
 from animalcam.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -82,17 +82,20 @@ def compute_features(
 
 def feature_copies(
     extractor: keras.Model,
-    make_batches: Callable[[keras.Sequential | None], tf.data.Dataset],
+    make_batches: Callable[[Augment | None], tf.data.Dataset],
     n_images: int,
     copies: int,
-    make_augment: Callable[[int], keras.Sequential | None],
+    make_augment: Callable[[int], Augment | None],
+    plain: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(copies, n_images, width)``: copy 0 plain, copy k with ``make_augment(k)``.
 
     ``make_batches(augment)`` gives the images in manifest order, augmented when
     ``augment`` is not None. Without augmentation settings all copies are the plain one.
+    ``plain``: copy 0 when already at hand (animalcam.feature_store), else computed.
     """
-    plain = compute_features(extractor, make_batches(None), n_images, "features")
+    if plain is None:
+        plain = compute_features(extractor, make_batches(None), n_images, "features")
     sets = [plain]
     for k in range(1, copies):
         augment = make_augment(k)

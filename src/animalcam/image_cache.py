@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 INDEX = "index.json"
 FORMAT = 2  # bump when the record layout changes; readers then ask for a rebuild
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test only when prepare made one (prepare.test_split)
 ENCODINGS = ("png", "jpeg", "raw")
 _REBUILD = "rebuild it with `dvc repro -f images` (or restore it with `dvc checkout data/images`)"
 _FEATURES = {
@@ -96,6 +96,8 @@ def build_cache(
     total = 0
     with replace_directory(cache_dir) as tmp:
         for split in SPLITS:
+            if split == "test" and not (prepared_dir / "test.csv").is_file():
+                continue
             manifest = read_manifest(prepared_dir / f"{split}.csv", class_names, root)
             shards = _write_split(tmp, split, manifest, image_size, params)
             index["splits"][split] = {

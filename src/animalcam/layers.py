@@ -97,9 +97,12 @@ class RandomAffine(keras.layers.Layer):
     [1 - zoom, 1 + zoom], t uniform in +-``translate`` of the side, and a flip with
     probability 1/2. Bilinear, with gaps filled by the nearest edge pixel.
 
-    The draws are seeded TensorFlow ops (stateful: under tf.data's parallel map, which
-    batch gets which draws varies from run to run); the resampling is
-    OpenCV's ``warpAffine`` through ``tf.numpy_function``: on a CPU it is faster than
+    The draws are stateless (``tf.random.stateless_uniform``): called with ``seed``, a
+    shape ``[2]`` integer tensor, the same seed always gives the same transforms, in
+    whatever order tf.data's parallel map runs the batches (animalcam.augmentation keys
+    it by (train.seed, epoch, batch)); called without, each call takes the next seed of
+    the layer's own ``keras.random.SeedGenerator``, as Keras' random layers do. The
+    resampling is OpenCV's ``warpAffine`` through ``tf.numpy_function``: on a CPU it is faster than
     TensorFlow's ImageProjectiveTransformV3 with the same output (test_dataset checks
     the agreement; OpenCV 5 is needed for it: 4.x rounds the sample positions to 1/32
     pixel; docs/benchmarks.md has the speed), and it releases the GIL, so tf.data's
@@ -126,28 +129,19 @@ class RandomAffine(keras.layers.Layer):
         self.zoom = zoom
         self.horizontal_flip = horizontal_flip
         self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images, training=False):
+    def call(self, images, training=False, seed=None):
+        """``images`` transformed when ``training``; ``seed``: the stateless seed of the
+        draws (shape ``[2]``, integers), None for the next one of the layer's generator."""
         if not training:
             return images
         images = tf.convert_to_tensor(images, tf.float32)
         shape = tf.shape(images)
         n, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-        seed = self.seed
-
-        def uniform(low, high, k):
-            op_seed = None if seed is None else seed * 10 + k
-            return tf.random.uniform([n], low, high, seed=op_seed)
-
-        theta = uniform(-self.rotation, self.rotation, 1) * (np.pi / 180.0)
-        sx = uniform(-self.shear, self.shear, 2)
-        sy = uniform(-self.shear, self.shear, 3)
-        z = uniform(1.0 - self.zoom, 1.0 + self.zoom, 4)
-        tx = uniform(-self.translate, self.translate, 5) * width
-        ty = uniform(-self.translate, self.translate, 6) * height
-        flip = tf.ones([n])
-        if self.horizontal_flip:
-            flip = tf.where(uniform(0.0, 1.0, 7) < 0.5, -1.0, 1.0)
+        draws = self.draw(n, self.generator.next() if seed is None else seed)
+        theta, sx, sy, z, flip = (draws[k] for k in ("theta", "sx", "sy", "zoom", "flip"))
+        tx, ty = draws["tx"] * width, draws["ty"] * height
         cos, sin = tf.cos(theta), tf.sin(theta)
         # Shear(sx, sy) = [[1, sx], [0, 1]] . [[1, 0], [sy, 1]]; Zoom . Flip = diag(z f, z).
         s00, s01, s10, s11 = 1.0 + sx * sy, sx, sy, tf.ones([n])
@@ -163,6 +157,30 @@ class RandomAffine(keras.layers.Layer):
         matrices = tf.stack([a00, a01, b0, a10, a11, b1], axis=1)
         warped = tf.numpy_function(warp_affine, [images, matrices], tf.float32, stateful=False)
         return tf.ensure_shape(warped, images.shape)
+
+    def draw(self, n, seed) -> dict[str, tf.Tensor]:
+        """The random parameters of ``n`` images from the stateless ``seed`` (shape
+        ``[2]``): ``theta`` (radians), ``sx``, ``sy`` (shear), ``zoom``, ``tx``, ``ty``
+        (fractions of the width and height) and ``flip`` (-1: flipped, or 1)."""
+        key = tf.cast(seed, tf.int64)
+
+        def uniform(low, high, k):
+            # One stream per parameter (k): the k-th draw of every call keys on (key, k).
+            draw_seed = tf.random.experimental.stateless_fold_in(key, k)
+            return tf.random.stateless_uniform([n], draw_seed, low, high)
+
+        flip = tf.ones([n])
+        if self.horizontal_flip:
+            flip = tf.where(uniform(0.0, 1.0, 7) < 0.5, -1.0, 1.0)
+        return {
+            "theta": uniform(-self.rotation, self.rotation, 1) * (np.pi / 180.0),
+            "sx": uniform(-self.shear, self.shear, 2),
+            "sy": uniform(-self.shear, self.shear, 3),
+            "zoom": uniform(1.0 - self.zoom, 1.0 + self.zoom, 4),
+            "tx": uniform(-self.translate, self.translate, 5),
+            "ty": uniform(-self.translate, self.translate, 6),
+            "flip": flip,
+        }
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -111,6 +111,41 @@ def _sweep_once(folder: Path) -> None:
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
+class Terminated(KeyboardInterrupt):
+    """The stage got a stop signal; unwinds like Ctrl-C (``except Exception`` misses it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+
+
+_stop_signal: int | None = None
+
+
+def request_stop(signum: int) -> Terminated:
+    """Record that a stop signal arrived; the exception for the handler to raise."""
+    global _stop_signal
+    _stop_signal = signum
+    return Terminated(signum)
+
+
+def stop_requested() -> int | None:
+    """The stop signal this process received, if any."""
+    return _stop_signal
+
+
+def raise_if_stop_requested() -> None:
+    """Refuse to commit an output once a stop signal arrived.
+
+    The handler's exception is raised wherever the main thread happens to be, and is
+    lost when that is a finalizer run by the garbage collector (or a library's ``except
+    BaseException``): the stage would then carry on and replace its outputs. Every
+    commit asks here first, so a stop never ends in new outputs."""
+    if _stop_signal is not None:
+        raise Terminated(_stop_signal)
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold stop signals while a temporary file or folder is created and its name kept:
@@ -162,6 +197,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
         # mkstemp makes the file private (0600); give it the mode open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
+        raise_if_stop_requested()
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
@@ -212,6 +248,7 @@ def replace_directory(target: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide outputs on shared runners
         old = tmp.with_name(tmp.name[: -len(TEMP_SUFFIX)] + "-old" + TEMP_SUFFIX)
         yield tmp
+        raise_if_stop_requested()
         if target.exists() or target.is_symlink():
             os.replace(target, old)
         os.replace(tmp, target)

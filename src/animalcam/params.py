@@ -37,6 +37,12 @@ PRECISION_SETTINGS = ("auto", "on", "off", "bfloat16", "float16")
 
 # numpy's legacy seeding and TensorFlow's op seeds take 32-bit values; keep to int32.
 MAX_SEED = 2**31 - 1
+# Bootstrap resamples (evaluate.bootstrap_resamples, `animalcam compare --resamples`):
+# fewer than 1,000 leave 25 or fewer resamples in each tail of a 95% interval; beyond
+# 100,000 the bounds' resampling wobble is far below the 4 decimals written, only the
+# wait grows.
+MIN_BOOTSTRAP_RESAMPLES = 1000
+MAX_BOOTSTRAP_RESAMPLES = 100_000
 # Longest path or name we take: PATH_MAX on Linux; MLflow's database columns hold 256.
 MAX_PATH_CHARS = 4096
 MAX_NAME_CHARS = 256
@@ -133,6 +139,9 @@ class DataParams:
 @dataclass(frozen=True)
 class PrepareParams:
     val_split: float = 0.15  # the study's 85/15 split
+    # A third, held-out split for the final figures (0.15: 70/15/15). With it, validation
+    # still picks the best epoch and stops training; evaluate and explain report on test.
+    test_split: float = 0.0
     seed: int = 42
     # "animals10": folders must be the ten Kaggle classes (Italian or English names).
     # "folders": every folder is a class named after it (bring your own data).
@@ -154,6 +163,13 @@ class PrepareParams:
             "a fraction in (0, 0.5]",
         )
         _check(
+            0 <= self.test_split <= 0.5 and self.val_split + self.test_split <= 0.6,
+            f"{prefix}.test_split",
+            self.test_split,
+            f"a fraction in [0, 0.5] that leaves training at least 40% with val_split "
+            f"{self.val_split}",
+        )
+        _check(
             self.class_set in ("animals10", "folders"),
             f"{prefix}.class_set",
             self.class_set,
@@ -167,11 +183,13 @@ class PrepareParams:
             self.near_duplicate_distance,
             "an integer in [0, 16]",
         )
+        splits = 3 if self.test_split > 0 else 2
         _check(
-            2 <= self.min_per_class <= 1_000_000,
+            splits <= self.min_per_class <= 1_000_000,
             f"{prefix}.min_per_class",
             self.min_per_class,
-            "an integer in [2, 1000000] (at least one image each side of the split)",
+            f"an integer in [{splits}, 1000000] (at least one image in each of the "
+            f"{splits} splits)",
         )
 
 
@@ -238,6 +256,15 @@ class TrainParams:
     warmup_learning_rate: float = 1e-3
     class_weight: str = "none"  # "none" or "balanced" (inverse class frequency)
     seed: int = 42
+    # Bit-for-bit reruns: on top of the seeds (which always fix the order, the
+    # augmentations and the initial weights), TensorFlow's op determinism, so that the same
+    # params, data, code and machine give the same weights and history, and a resumed run
+    # the same as an uninterrupted one. It costs little on a CPU; on a GPU cuDNN then
+    # picks slower deterministic kernels, and an op that has none raises an error
+    # (docs/benchmarks.md). It is process-wide: once a run has switched it on, it stays on
+    # in that process (the train stage is a process of its own). false: TensorFlow's
+    # default, results may differ in the last bits from run to run.
+    deterministic: bool = True
     top_k: int = 3
     augment: AugmentParams = field(default_factory=AugmentParams)
     early_stopping_patience: int = 5
@@ -391,6 +418,11 @@ class EvaluateParams:
     # with bfloat16 instructions). It changes probabilities in their third digit, so it
     # is a key of this stage, not a speed switch (docs/benchmarks.md has the agreement).
     mixed_precision: Switch = "auto"
+    # Resamples behind each 95% bootstrap interval in metrics/evaluate.json (the `_ci95`
+    # keys). Each 2.5% tail then rests on 50 resamples; below 1,000 the bounds wander
+    # from seed to seed. They are drawn as counts, so more cost little.
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0  # the same seed gives the same intervals, byte for byte
 
     def check(self, prefix: str) -> None:
         _check_choice(self, prefix, "mixed_precision", PRECISION_SETTINGS)
@@ -400,6 +432,8 @@ class EvaluateParams:
             top_k=(1, 1000),
             gallery_size=(1, 1000),  # images in one figure
             calibration_bins=(1, 1000),
+            bootstrap_resamples=(MIN_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_RESAMPLES),
+            bootstrap_seed=(0, MAX_SEED),
         )
 
 
@@ -468,6 +502,45 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    """The audit stage (plots/audit): images whose given label looks wrong, found by
+    confident learning (cleanlab) on out-of-fold probabilities of heads trained on the
+    backbone's features (README, "Review the labels"; docs/benchmarks.md measures the rule)."""
+
+    # Every image is predicted by a head that never saw it: K heads, each trained on the
+    # other K-1 folds (stratified by class). 5: each head sees 80% of the data. Reduced,
+    # with a note in the log, when a class has fewer images than folds.
+    folds: int = 5
+    # The K-fold split repeated with this many fold draws, each image's probabilities
+    # averaged over its heads: one unlucky fold draw matters less (the worst of 24 planted
+    # draws on the real sample went from precision 0.44 to 0.50: docs/benchmarks.md).
+    repeats: int = 3
+    seed: int = 0  # draws the folds (repeat r: seed + r)
+    # Inverse L2 strength (scikit-learn's C) of the heads: multinomial logistic regressions
+    # on L2-normalised features. Smaller: smoother heads, less sure of clean images near a
+    # class border; larger: heads that start to learn the wrong labels. 10 flagged planted
+    # flips best on the real sample (docs/benchmarks.md).
+    regularization_c: float = 10.0
+    gallery_size: int = 16  # most likely issues shown in plots/audit/label_issues.png
+
+    def check(self, prefix: str) -> None:
+        _check_ints(
+            self,
+            prefix,
+            folds=(2, 100),
+            repeats=(1, 100),
+            seed=(0, MAX_SEED - 100),
+            gallery_size=(1, 1000),
+        )
+        _check(
+            0 < self.regularization_c <= 1e6,
+            f"{prefix}.regularization_c",
+            self.regularization_c,
+            "a number in (0, 1000000]",
+        )
+
+
+@dataclass(frozen=True)
 class SpeedParams:
     """Switches that change how fast a stage runs, not what it computes: no stage lists
     this section in dvc.yaml, so changing one reruns nothing. The computation is the
@@ -484,7 +557,8 @@ class SpeedParams:
     # costs more than it saves and the last, smaller batch compiles twice.
     train_xla: bool = False
     # train: XLA for the epochs that train the head on backbone features (a small dense
-    # graph that compiles quickly).
+    # graph that compiles quickly). Both XLA switches only act with train.deterministic
+    # false: Keras compiles nothing with XLA under op determinism.
     head_xla: bool = True
     evaluate_batch_size: int = 64  # evaluate: images per forward pass
     explain_batch_size: int = 16  # explain: images per Grad-CAM and faithfulness pass
@@ -534,6 +608,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
     export: ExportParams = field(default_factory=ExportParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     speed: SpeedParams = field(default_factory=SpeedParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 

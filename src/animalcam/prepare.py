@@ -1,14 +1,17 @@
 """The prepare stage: from ``data/raw/<class folder>/...`` to a clean, leakage-free split.
 
-1. Find the class folders and map them to English names (``prepare.class_set``).
+1. Find the class folders and map them to English names (``prepare.class_set``); drop
+   or relabel the images a person confirmed mislabelled (``data/exclude.txt``,
+   ``data/relabel.csv``: :mod:`animalcam.label_corrections`).
 2. Decode every file (:func:`animalcam.images.check_image`); list the unusable ones,
    with a reason, in ``rejected.csv``.
 3. Keep one copy of each exact duplicate; group near-duplicates by perceptual hash.
 4. Split stratified by class, seeded, whole groups to one side
-   (:func:`animalcam.splitting.stratified_group_split`).
-5. Write ``train.csv``, ``val.csv``, ``classes.json`` and ``rejected.csv``. Manifest paths
-   point at the files in ``data/raw``: every later stage reads them with the same reader
-   (:mod:`animalcam.images`), so an image accepted here is readable everywhere.
+   (:func:`animalcam.splitting.split_names`; a test split too with ``prepare.test_split``).
+5. Write ``train.csv``, ``val.csv`` (``test.csv``), ``classes.json`` and ``rejected.csv``.
+   Manifest paths point at the files in ``data/raw``: every later stage reads them with
+   the same reader (:mod:`animalcam.images`), so an image accepted here is readable
+   everywhere.
 
 Sources are only read. Everything is built in a temporary directory that replaces the
 output directory only when complete, and every file is sorted so that the same data and
@@ -33,8 +36,9 @@ from animalcam.classes import ANIMALS10, english_label
 from animalcam.duplicates import exact_duplicate_sets, near_duplicate_groups
 from animalcam.errors import DataError, SourceNotFoundError
 from animalcam.images import ImageCheck, check_image
+from animalcam.label_corrections import EXCLUDE_FILE, RELABEL_FILE, LabelCorrections
 from animalcam.params import PrepareParams
-from animalcam.splitting import stratified_group_split
+from animalcam.splitting import split_names
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ REJECTED_COLUMNS = ("path", "reason", "detail")
 DUPLICATE = "duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
 NOT_IN_CLASS_FOLDER = "not_in_class_folder"
+EXCLUDED = "excluded"
 
 # Below this many files the process pool costs more than it saves.
 _PARALLEL_FROM = 64
@@ -56,6 +61,9 @@ class PreparedData:
     train: list[dict[str, str]]
     val: list[dict[str, str]]
     rejected: list[tuple[str, str, str]]
+    test: list[dict[str, str]] = field(default_factory=list)  # empty without a test split
+    excluded: int = 0  # images dropped for data/exclude.txt
+    relabelled: int = 0  # images given another label by data/relabel.csv
     exact_duplicate_sets: int = 0
     near_duplicate_groups: int = 0
     cross_class_groups: int = 0
@@ -94,14 +102,24 @@ def find_class_files(raw_dir: Path, class_set: str) -> tuple[list[tuple[Path, st
 
 
 def prepare_dataset(
-    raw_dir: str | Path, out_dir: str | Path, params: PrepareParams, workers: int | None = None
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    params: PrepareParams,
+    workers: int | None = None,
+    corrections: LabelCorrections | None = None,
 ) -> PreparedData:
-    """Check, deduplicate and split ``raw_dir`` into ``out_dir`` (replaced atomically)."""
+    """Check, deduplicate and split ``raw_dir`` into ``out_dir`` (replaced atomically).
+
+    ``corrections``: images a person confirmed mislabelled (animalcam.label_corrections),
+    dropped or given their right label before anything else looks at them."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    corrections = corrections or LabelCorrections()
     labelled, strays = find_class_files(raw_dir, params.class_set)
+    labelled, excluded, relabelled = _apply_corrections(labelled, corrections)
     rejected = [
         (_posix(p), NOT_IN_CLASS_FOLDER, "files must sit in a class folder") for p in strays
     ]
+    rejected += [(path, EXCLUDED, f"listed in {EXCLUDE_FILE}") for path in excluded]
 
     with outputs.replace_directory(out_dir) as staging:
         checks = _check_all([path for path, _ in labelled], params, workers)
@@ -125,22 +143,28 @@ def prepare_dataset(
             }
             for index, group in zip(usable, groups, strict=True)
         ]
-        is_val = stratified_group_split(
-            [row["label"] for row in rows], groups, params.val_split, params.seed
+        names = split_names(
+            [row["label"] for row in rows],
+            groups,
+            params.val_split,
+            params.test_split,
+            params.seed,
         )
-        train = sorted((r for r, v in zip(rows, is_val, strict=True) if not v), key=_by_path)
-        val = sorted((r for r, v in zip(rows, is_val, strict=True) if v), key=_by_path)
+        splits = {
+            split: sorted((r for r, n in zip(rows, names, strict=True) if n == split), key=_by_path)
+            for split in (("train", "val", "test") if params.test_split > 0 else ("train", "val"))
+        }
         rejected.sort()
-        _write_manifest(staging / "train.csv", train)
-        _write_manifest(staging / "val.csv", val)
+        for split, split_rows in splits.items():
+            _write_manifest(staging / f"{split}.csv", split_rows)
         outputs.write_csv(staging / "rejected.csv", REJECTED_COLUMNS, rejected)
         outputs.write_json(staging / "classes.json", classes)
 
-    result = _summary(classes, train, val, rejected, n_exact, rows)
+    result = _summary(classes, splits, rejected, n_exact, rows)
+    result.excluded, result.relabelled = len(excluded), len(relabelled)
     log.info(
-        "prepared %d train / %d val images in %d classes; rejected %d; %d near-duplicate groups",
-        len(train),
-        len(val),
+        "prepared %s images in %d classes; rejected %d; %d near-duplicate groups",
+        " / ".join(f"{len(split_rows)} {split}" for split, split_rows in splits.items()),
         len(classes),
         len(rejected),
         result.near_duplicate_groups,
@@ -148,7 +172,50 @@ def prepare_dataset(
     return result
 
 
-def _summary(classes, train, val, rejected, n_exact, rows) -> PreparedData:
+def _apply_corrections(
+    labelled: list[tuple[Path, str]], corrections: LabelCorrections
+) -> tuple[list[tuple[Path, str]], list[str], list[str]]:
+    """(kept files with their labels, excluded paths, relabelled paths); logs the counts."""
+    if not corrections:
+        return labelled, [], []
+    classes = {label for _, label in labelled}
+    unknown = sorted(set(corrections.relabel.values()) - classes)
+    if unknown:
+        raise DataError(
+            f"{RELABEL_FILE} names the class {unknown[0]!r}, which is not in the data "
+            f"(classes: {', '.join(sorted(classes))}); fix the label."
+        )
+    kept, excluded, relabelled = [], [], []
+    for path, label in labelled:
+        key = _posix(path)
+        if key in corrections.exclude:
+            excluded.append(key)
+            continue
+        new = corrections.relabel.get(key, label)
+        if new != label:
+            relabelled.append(key)
+        kept.append((path, new))
+    log.info(
+        "label corrections: dropped %d image(s) listed in %s, relabelled %d from %s",
+        len(excluded),
+        EXCLUDE_FILE,
+        len(relabelled),
+        RELABEL_FILE,
+    )
+    unmatched = corrections.unmatched(_posix(path) for path, _ in labelled)
+    if unmatched:
+        log.warning(
+            "%d path(s) in %s / %s match no image in the data (first: %s); "
+            "remove them if the images are gone",
+            len(unmatched),
+            EXCLUDE_FILE,
+            RELABEL_FILE,
+            unmatched[0],
+        )
+    return kept, excluded, relabelled
+
+
+def _summary(classes, splits, rejected, n_exact, rows) -> PreparedData:
     """Counts for metrics: images per class and split, and the duplicate groups."""
     group_sizes = Counter(row["group"] for row in rows)
     group_labels: dict[str, set[str]] = {}
@@ -156,8 +223,9 @@ def _summary(classes, train, val, rejected, n_exact, rows) -> PreparedData:
         group_labels.setdefault(row["group"], set()).add(row["label"])
     result = PreparedData(
         classes=classes,
-        train=train,
-        val=val,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test", []),
         rejected=rejected,
         exact_duplicate_sets=n_exact,
         near_duplicate_groups=sum(1 for size in group_sizes.values() if size > 1),
@@ -165,7 +233,7 @@ def _summary(classes, train, val, rejected, n_exact, rows) -> PreparedData:
     )
     result.counts = {
         split: {name: sum(1 for r in split_rows if r["label"] == name) for name in classes}
-        for split, split_rows in (("train", train), ("val", val))
+        for split, split_rows in splits.items()
     }
     return result
 
@@ -183,17 +251,18 @@ def data_metrics(result: PreparedData) -> dict:
             "near_groups": result.near_duplicate_groups,
             "cross_class_groups": result.cross_class_groups,
         },
+        "corrections": {"excluded": result.excluded, "relabelled": result.relabelled},
     }
 
 
-CLASS_DISTRIBUTION_COLUMNS = ("class", "train", "val")
+def class_distribution_columns(result: PreparedData) -> tuple[str, ...]:
+    """``class`` and one column per split (``test`` only when there is one)."""
+    return ("class", *result.counts)
 
 
-def class_distribution_rows(result: PreparedData) -> list[tuple[str, int, int]]:
-    """``(class, train images, validation images)`` rows for the class-distribution plots."""
-    return [
-        (name, result.counts["train"][name], result.counts["val"][name]) for name in result.classes
-    ]
+def class_distribution_rows(result: PreparedData) -> list[tuple]:
+    """``(class, train images, validation images[, test images])`` rows for the plots."""
+    return [(name, *(counts[name] for counts in result.counts.values())) for name in result.classes]
 
 
 def _check_all(paths: list[Path], params: PrepareParams, workers: int | None) -> list[ImageCheck]:
@@ -268,9 +337,9 @@ def _by_path(row: dict[str, str]) -> str:
 
 
 __all__ = [
-    "CLASS_DISTRIBUTION_COLUMNS",
     "MANIFEST_COLUMNS",
     "PreparedData",
+    "class_distribution_columns",
     "class_distribution_rows",
     "data_metrics",
     "find_class_files",

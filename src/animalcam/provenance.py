@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -75,6 +76,54 @@ def _first_version(dists: Iterable[str]) -> str:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
     return "not installed"
+
+
+# The pinned environments (README, "Pinned environments"), by what they are for.
+LOCK_FILES = {"linux-cpu": "requirements/linux-cpu.txt", "linux-gpu": "requirements/linux-gpu.txt"}
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
+
+
+def lock_state(workspace: str | Path = ".") -> dict[str, str]:
+    """``lock.<name>.sha256`` of each lock file in ``workspace``, and ``lock.installed``:
+    the lock this Python environment matches exactly, or how far it is from the nearest.
+
+    A run records which pinned set it ran on, so that "it reproduced last month" can be
+    checked: same lock hash and ``lock.installed`` naming it."""
+    tags: dict[str, str] = {}
+    distances: dict[str, list[str]] = {}
+    for name, relative in LOCK_FILES.items():
+        path = Path(workspace) / relative
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        tags[f"lock.{name}.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        distances[name] = _differences(text)
+    if not distances:
+        tags["lock.installed"] = "no lock file in the workspace"
+        return tags
+    best = min(distances, key=lambda name: len(distances[name]))
+    differ = distances[best]
+    tags["lock.installed"] = (
+        best
+        if not differ
+        else f"none: {len(differ)} package(s) differ from {best} ({', '.join(differ[:5])})"
+    )
+    return tags
+
+
+def _differences(lock_text: str) -> list[str]:
+    """``name==locked (installed)`` for each pin this environment does not satisfy."""
+    differ = []
+    for line in lock_text.splitlines():
+        match = _PIN.match(line)
+        if not match:
+            continue
+        name, pinned = match.groups()
+        installed = _first_version([name])
+        if installed != pinned:
+            differ.append(f"{name}=={pinned} ({installed})")
+    return differ
 
 
 def devices_used() -> str:

@@ -1,4 +1,4 @@
-"""A stratified, seeded train/validation split that never cuts a duplicate group.
+"""A stratified, seeded train/validation(/test) split that never cuts a duplicate group.
 
 scikit-learn splits either by stratum (StratifiedShuffleSplit) or by group
 (GroupShuffleSplit, StratifiedGroupKFold with a fold count, not a fraction), not both
@@ -16,8 +16,38 @@ import numpy as np
 from animalcam.errors import DataError
 
 
+def split_names(
+    labels: Sequence[str],
+    groups: Sequence[int],
+    val_split: float,
+    test_split: float,
+    seed: int,
+) -> np.ndarray:
+    """The split of each image ("train", "val" or "test"): each split a ``*_split`` share
+    of every class, every duplicate group wholly in one split. Without a test split (0)
+    validation is drawn exactly as :func:`stratified_group_split` draws it alone.
+
+    The test images are drawn first, then validation from the rest (its fraction scaled
+    so that it stays ``val_split`` of the whole)."""
+    names = np.full(len(labels), "train", dtype=object)
+    rest = np.arange(len(labels))
+    if test_split > 0:
+        # Its own random stream: adding a test split must not depend on the val draw.
+        is_test = stratified_group_split(labels, groups, test_split, [seed, 1])
+        names[is_test] = "test"
+        rest = np.flatnonzero(~is_test)
+    is_val = stratified_group_split(
+        [labels[i] for i in rest],
+        [groups[i] for i in rest],
+        val_split / (1 - test_split),
+        seed,
+    )
+    names[rest[is_val]] = "val"
+    return names
+
+
 def stratified_group_split(
-    labels: Sequence[str], groups: Sequence[int], val_split: float, seed: int
+    labels: Sequence[str], groups: Sequence[int], val_split: float, seed: int | Sequence[int]
 ) -> np.ndarray:
     """Boolean mask, True for validation, with every group wholly on one side.
 

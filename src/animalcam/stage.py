@@ -17,8 +17,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 
-from animalcam import environment
+from animalcam import environment, outputs
 from animalcam.errors import AnimalcamError, EnvironmentVariableError
+from animalcam.outputs import Terminated
 
 EXIT_USER_ERROR = 2
 log = logging.getLogger(__name__)
@@ -73,16 +74,10 @@ def run_stage(main: Callable[[], object], name: str, *, tensorflow: bool = False
     except KeyboardInterrupt:
         print(f"animalcam {name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    if (signum := outputs.stop_requested()) is not None:  # its exception got lost
+        print(f"animalcam {name}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
     sys.exit(0)
-
-
-class Terminated(KeyboardInterrupt):
-    """The stage got a stop signal; unwinds like Ctrl-C (``except Exception`` misses it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
 
 
 # SIGHUP: the terminal that started the stage closed.
@@ -107,7 +102,7 @@ def _stop_on_signals() -> None:
         for other in STOP_SIGNALS:
             if signal.getsignal(other) is stop:
                 signal.signal(other, signal.SIG_IGN)
-        raise Terminated(signum)
+        raise outputs.request_stop(signum)
 
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:

@@ -54,6 +54,7 @@ from animalcam.provenance import (
     dvc_tags,
     git_state,
     input_hash_tags,
+    lock_state,
     package_versions,
     path_version,
     safe_key,
@@ -82,11 +83,14 @@ TRAIN_STAGE = "train"  # the data it reads is the pipeline run's ``data_version`
 
 def numeric_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers in a nested metrics dict (e.g. metrics/evaluate.json) as flat
-    ``{"macro_avg.f1": 0.93, "per_class.cat.recall": 0.9, ...}``; strings, lists and
-    booleans are left out (they are not metrics)."""
+    ``{"macro_avg.f1": 0.93, "per_class.cat.recall": 0.9, ...}``; an interval
+    ``<metric>_ci95: [low, high]`` as ``<metric>_ci95.low`` and ``.high``; strings, other
+    lists and booleans are left out (they are not metrics)."""
     flat: dict[str, float] = {}
     for key, value in tree.items():
         name = safe_key(f"{prefix}.{key}" if prefix else str(key))
+        if str(key).endswith("_ci95") and isinstance(value, (list, tuple)) and len(value) == 2:
+            value = dict(zip(("low", "high"), value, strict=True))
         if isinstance(value, Mapping):
             flat.update(numeric_metrics(value, name))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -294,7 +298,13 @@ def stage_run(
     data_path = data_path if data_path is not None else declared.data
     training_data = declared_stage(TRAIN_STAGE, workspace).data
 
-    context_tags = {**git_state(workspace), **package_versions(), **dvc_tags(), **process_tags()}
+    context_tags = {
+        **git_state(workspace),
+        **package_versions(),
+        **lock_state(workspace),
+        **dvc_tags(),
+        **process_tags(),
+    }
     input_hashes = input_hash_tags(stage, workspace)
     run_params = _stage_params(params, keys, data_path, input_hashes, workspace)
 
@@ -324,6 +334,7 @@ def stage_run(
         raise
     try:
         yield run
+        outputs.raise_if_stop_requested()  # a stop whose exception got lost on the way
     except KeyboardInterrupt:
         _end(run, "KILLED", quiet=True)
         raise

@@ -24,6 +24,13 @@ backbone frozen trains the head on backbone features computed once (animalcam.fe
 unless ``train.backbone_features`` is "off". Resume works in both paths: a fast-path
 phase's per-epoch state holds the head and its optimizer, its best checkpoints the
 full model.
+
+Reruns: the seed fixes the initial weights, each epoch's order (animalcam.batches), the
+augmentations (stateless draws keyed by seed, epoch and batch: animalcam.augmentation)
+and, reset every epoch, the dropout masks; with ``train.deterministic`` TensorFlow's op
+determinism fixes the rest, so that the same params, data, code and machine give the
+same weights and history, bit for bit, resumed or not (docs/benchmarks.md has the cost
+and what still changes results: another CPU kind, oneDNN on or off, library versions).
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from animalcam import features, fine_tuning, modeling, precision, resume
+from animalcam import distributed, features, fine_tuning, modeling, precision, resume
 from animalcam.batches import steps_per_epoch
 from animalcam.dataset import Manifest
 from animalcam.errors import DataError, ModelError, ParamsError
+from animalcam.feature_store import FeatureStore
 from animalcam.params import SpeedParams, TrainParams
 from animalcam.resume_store import ResumeStore, Watchers
 from animalcam.training_inputs import TrainingInputs
@@ -164,32 +172,56 @@ def train_model(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     cache_dir: str | Path | None = None,
     speed: SpeedParams | None = None,
+    feature_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train on ``train_set``, validate on ``val_set``; resume from ``state_dir`` if it fits.
 
-    ``strategy`` defaults to :func:`select_strategy`. ``train.batch_size`` is the GLOBAL
+    ``strategy`` defaults to :func:`select_strategy`; the train stage passes a
+    MultiWorkerMirroredStrategy under ``TF_CONFIG`` (animalcam.distributed: only the chief
+    keeps the resume state in ``state_dir``). ``train.batch_size`` is the GLOBAL
     batch: with R replicas each one gets batch_size / R images per step, so the number
     of steps, the learning rate and the results do not depend on how many GPUs a runner
     has. To trade GPUs for speed, raise ``train.batch_size`` (and usually
     ``train.learning_rate``) explicitly, which DVC then records. ``callbacks`` run after
     animalcam's own (e.g. experiment tracking; ``logs`` then hold this epoch's metrics).
     ``cache_dir``: the images stage's output, read when ``train.input`` is "images" (None:
-    decode the image files).
+    decode the image files). ``feature_dir``: an animalcam.feature_store folder that the
+    frozen-backbone epochs read their plain features from when it holds them, and store
+    them in otherwise (None: computed and kept in memory only).
     """
     speed = speed or SpeedParams()  # the defaults: how fast, never what
     plan = _plan(params, speed, class_names, train_set, val_set, strategy)
-    inputs = TrainingInputs(params, len(class_names), train_set, val_set, cache_dir, speed.autotune)
-    state_dir = Path(state_dir)
+    if params.deterministic:
+        # Process-wide, and TensorFlow has no public way back: the train stage is a process
+        # of its own. Ops without a deterministic kernel (a few, on GPUs) then raise.
+        tf.config.experimental.enable_op_determinism()
+    store = None if feature_dir is None else FeatureStore(feature_dir)
+    inputs = TrainingInputs(
+        params, len(class_names), train_set, val_set, cache_dir, speed.autotune, store
+    )
     expected = resume.fingerprint(asdict(params), class_names, train_set, val_set)
-    try:
-        store = ResumeStore.open(state_dir, expected, phases(params)[0].name)
-        return _train(plan, store, inputs, callbacks)
-    except resume.UnusableStateError as exc:
-        # A weights file of the saved state opened but does not load into this model.
-        log.warning("ignoring the resume state in %s: %s; starting fresh", state_dir, exc)
-        resume.clear_state(state_dir)
-        store = ResumeStore.open(state_dir, expected, phases(params)[0].name)
-        return _train(plan, store, inputs, callbacks)
+    # Under TF_CONFIG: a non-chief worker keeps its copy of the chief's state in a
+    # temporary folder, and a lost worker ends the run with one line (animalcam.distributed).
+    cluster = distributed.cluster_of(plan.strategy)
+    with (
+        distributed.state_directory(plan.strategy, Path(state_dir)) as state_dir,
+        distributed.worker_failures(cluster),
+    ):
+        try:
+            store = _open_store(plan, state_dir, expected)
+            return _train(plan, store, inputs, callbacks)
+        except resume.UnusableStateError as exc:
+            # A weights file of the saved state opened but does not load into this model.
+            log.warning("ignoring the resume state in %s: %s; starting fresh", state_dir, exc)
+            resume.clear_state(state_dir)
+            store = _open_store(plan, state_dir, expected)
+            return _train(plan, store, inputs, callbacks)
+
+
+def _open_store(plan: _Plan, state_dir: Path, expected: dict[str, Any]) -> ResumeStore:
+    """The run's resume store; on every worker of a cluster, the chief's."""
+    store = ResumeStore.open(state_dir, expected, phases(plan.params)[0].name)
+    return distributed.share_resume_state(plan.strategy, store)
 
 
 def _train(plan: _Plan, store: ResumeStore, inputs: TrainingInputs, callbacks) -> TrainResult:
@@ -250,7 +282,9 @@ def fit_phase(
     params, first = plan.params, store.state.epochs_done
     resuming = store.resuming
     trainable = modeling.set_trainable(model, phase.trainable)
-    fast = params.backbone_features == "auto" and phase.trainable == "head"
+    # Not across workers: the feature pass would gather every worker's features.
+    multi_worker = distributed.cluster_of(plan.strategy) is not None
+    fast = params.backbone_features == "auto" and phase.trainable == "head" and not multi_worker
     with plan.strategy.scope():
         # Keras models remember the strategy they were created under.
         fitted = features.head_model(model) if fast else model
@@ -273,6 +307,7 @@ def fit_phase(
         train_ds, val_ds = inputs.feature_batches(model, first, phase.end)
     else:
         train_ds, val_ds = inputs.image_batches(first, phase.end)
+    train_ds, val_ds = (distributed.split_batches(plan.strategy, ds) for ds in (train_ds, val_ds))
     fitted.fit(
         train_ds,
         steps_per_epoch=steps,
@@ -282,7 +317,13 @@ def fit_phase(
         class_weight=plan.class_weight,
         shuffle=False,  # the dataset shuffles itself, per epoch, reproducibly
         # The warm-up first: the resume callback reads the rate each epoch starts with.
-        callbacks=[*warmup, *watchers, store.callback(watchers, phase.end, next_phase), *callbacks],
+        callbacks=[
+            _SeedsPerEpoch(model, params.seed),
+            *warmup,
+            *watchers,
+            store.callback(watchers, phase.end, next_phase),
+            *callbacks,
+        ],
         # A progress bar in a terminal, one line per epoch in logs (dvc repro, CI).
         verbose=1 if sys.stdout.isatty() else 2,
     )
@@ -391,8 +432,11 @@ def _compile(fitted: keras.Model, phase: Phase, plan: _Plan, fast: bool) -> None
         ),
         backbone_lr_factor=params.backbone_lr_factor if fine_tunes else 1.0,
         # XLA under MirroredStrategy fails on replica variables ("Trying to access
-        # resource ... located in device"): the head compiles only alone.
-        jit_compile=(
+        # resource ... located in device"): the head compiles only alone. Under op
+        # determinism Keras compiles nothing with XLA (not every XLA op has a
+        # deterministic form); asking would only add its warning.
+        jit_compile=not params.deterministic
+        and (
             plan.speed.head_xla and plan.strategy.num_replicas_in_sync == 1
             if fast
             else plan.speed.train_xla
@@ -461,6 +505,31 @@ def _metrics(model, trainable_params, plan, store, inputs, fast_phases) -> dict[
         "backbone_features_phases": ",".join(fast_phases),
         "feature_seconds": round(inputs.feature_seconds, 1),
     }
+
+
+class _SeedsPerEpoch(keras.callbacks.Callback):
+    """At the start of every epoch, sets each seed generator of ``model`` (Dropout's) to
+    a state drawn from ``(seed, epoch)`` alone.
+
+    A seed generator advances at every training step, and Keras saves no seed generator
+    with the weights, so a resumed run would draw other dropout masks than an
+    uninterrupted one; reset per epoch, both draw the same.
+    """
+
+    def __init__(self, model: keras.Model, seed: int):
+        super().__init__()
+        self._states = [v for v in model.variables if v.name == "seed_generator_state"]
+        self._seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._states:
+            return
+        # Int32 range: Keras folds a seed into it before TensorFlow's stateless ops see it.
+        firsts = tf.random.stateless_uniform(
+            [len(self._states)], [self._seed, epoch], 0, 2**31 - 2, dtype=tf.int64
+        )
+        for state, first in zip(self._states, firsts.numpy(), strict=True):
+            state.assign(np.array([first, 0], dtype=np.int64))
 
 
 class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):

@@ -20,6 +20,7 @@ from animalcam import features, image_cache
 from animalcam.augmentation import augmentation
 from animalcam.batches import BatchSettings, Examples, epoch_batches, ordered_batches
 from animalcam.dataset import FileExamples, Manifest
+from animalcam.feature_store import FeatureStore
 from animalcam.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,20 @@ class TrainingInputs:
         val_set: Manifest,
         cache_dir: str | Path | None,
         autotune: bool = True,
+        store: FeatureStore | None = None,
     ):
+        """``store``: where the plain features of train and val are read from when they
+        were stored for this backbone and these images (by the audit stage, or an
+        earlier run), and stored otherwise; None: always computed, kept in memory."""
         self.params = params
+        self.store = store
         self.num_classes = num_classes
         self.settings = BatchSettings.for_training(params, autotune)
         self.train_labels = np.asarray(train_set.labels)
         self.val_labels = np.asarray(val_set.labels)
         self.kind = "images" if params.input == "images" and cache_dir is not None else "files"
-        self.train_images = _images(cache_dir, "train", train_set, params, self.kind)
-        self.val_images = _images(cache_dir, "val", val_set, params, self.kind)
+        self.train_images = split_examples(cache_dir, "train", train_set, params, self.kind)
+        self.val_images = split_examples(cache_dir, "val", val_set, params, self.kind)
         if self.kind == "images":
             log.info("reading the decoded images in %s (the images stage)", cache_dir)
         # Backbone features of (train copies, val), computed by the first fast-path phase.
@@ -56,9 +62,9 @@ class TrainingInputs:
     def image_batches(self, first_epoch: int, end_epoch: int) -> Batches:
         """Augmented training images for epochs ``first_epoch .. end_epoch - 1``, and
         the validation images."""
-        # A resumed session draws new augmentations (seeded by where it resumes) rather
-        # than replaying those of the first epochs.
-        augment = augmentation(self.params.augment, seed=self.params.seed + 1000 * first_epoch)
+        # Draws keyed by (train.seed, epoch, batch): a resumed session augments its epochs
+        # exactly as an uninterrupted run does.
+        augment = augmentation(self.params.augment, seed=self.params.seed)
         return self._batches(self.train_images, self.val_images, first_epoch, end_epoch, augment)
 
     def feature_batches(self, model: keras.Model, first_epoch: int, end_epoch: int) -> Batches:
@@ -88,17 +94,25 @@ class TrainingInputs:
         def in_order(examples: Examples, augment=None) -> tf.data.Dataset:
             return ordered_batches(examples, self.settings, labels=False, augment=augment)
 
+        def plain(examples: Examples, name: str, desc: str) -> np.ndarray:
+            if self.store is None:
+                return features.compute_features(extractor, in_order(examples), len(examples), desc)
+            batch_size = self.settings.batch_size
+            return self.store.features(
+                name, model, lambda: in_order(examples), len(examples), batch_size, desc
+            )
+
         train = features.feature_copies(
             extractor,
             lambda augment: in_order(self.train_images, augment),
             len(self.train_images),
             params.feature_copies,
-            # Seeded per copy, so a resumed run recomputes the very same copies.
-            lambda k: augmentation(params.augment, seed=params.seed + 7919 * k),
+            # Copy k draws from stream k (keyed by (train.seed, k, batch)), so a resumed
+            # run recomputes the very same copies.
+            lambda k: augmentation(params.augment, seed=params.seed, stream=k),
+            plain=plain(self.train_images, "train", "features"),
         )
-        val = features.compute_features(
-            extractor, in_order(self.val_images), len(self.val_images), "val features"
-        )
+        val = plain(self.val_images, "val", "val features")
         self.feature_seconds += time.monotonic() - started
         log.info(
             "computed %d x %d training and %d validation feature vectors in %.1f s",
@@ -113,7 +127,11 @@ class TrainingInputs:
         )
 
 
-def _images(cache_dir, split: str, manifest: Manifest, params: TrainParams, kind: str) -> Examples:
+def split_examples(
+    cache_dir, split: str, manifest: Manifest, params: TrainParams, kind: str
+) -> Examples:
+    """``manifest``'s images as a run reads them: ``kind`` "images" (the images stage's
+    output in ``cache_dir``) or "files" (decoded from the originals)."""
     if kind == "images":
         return image_cache.CachedExamples(
             image_cache.open_split(cache_dir, split, manifest, params.image_size)

@@ -25,6 +25,7 @@ import pytest
 import tiny_data
 from conftest import REPO_ROOT
 from mlflow.tracking import MlflowClient
+from test_kills import SLOW_STAGE
 
 from animalcam import distributed, environment, modeling, resume
 from animalcam.errors import EnvironmentVariableError
@@ -49,23 +50,6 @@ TRAIN = {
     "backbone_features": "off",  # the fast path is single-process only
 }
 OUTPUTS = ("models", "metrics", "plots", ".train_state", "mlflow.db", "mlruns")
-
-# Runs the train stage with a pause after each saved epoch, so that a kill lands mid-run.
-SLOW_EPOCHS = """
-import runpy, sys, time
-from animalcam import resume_store
-
-stage, delay = sys.argv[1], float(sys.argv[2])
-epoch_end = resume_store.ResumeCallback.on_epoch_end
-
-def slowly(self, epoch, logs=None):
-    epoch_end(self, epoch, logs)
-    time.sleep(delay)
-
-resume_store.ResumeCallback.on_epoch_end = slowly
-sys.argv = [stage]
-runpy.run_path(stage, run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +105,8 @@ def temporary(root: Path) -> Path:
 def start(root: Path, tf_config: dict | None = None, slow: float = 0) -> subprocess.Popen:
     args = [sys.executable, TRAIN_STAGE]
     if slow:
-        args = [sys.executable, "-c", SLOW_EPOCHS, TRAIN_STAGE, str(slow)]
+        # A pause after each saved epoch, so that a kill lands mid-run.
+        args = [sys.executable, "-c", SLOW_STAGE, TRAIN_STAGE, "epoch", str(slow)]
     return subprocess.Popen(
         args,
         cwd=root,

@@ -141,7 +141,7 @@ def test_two_queued_experiments_against_a_server_keep_their_own_runs(tmp_path, m
     """One experiment retrains (prepare and cache shared with the baseline), the other
     changes explain.* only (the baseline's model shared from the cache): each gets its own
     pipeline run, and the baseline's run keeps its metrics."""
-    project = tiny_project(tmp_path, mlflow_server, "explain", "export", "audit")
+    project = tiny_project(tmp_path, mlflow_server, "report")  # the whole pipeline
     client, parents = pipeline_runs(mlflow_server)
     (baseline,) = parents.values()
     baseline_train = stage_children(client, baseline)["train"][0].info.run_id
@@ -158,8 +158,8 @@ def test_two_queued_experiments_against_a_server_keep_their_own_runs(tmp_path, m
     keys = {parents[name].data.tags[run_grouping.EXECUTION_TAG] for name in experiments}
     assert len(keys) == 2 and baseline.data.tags[run_grouping.EXECUTION_TAG] not in keys
     ran = {
-        "retrain": {"download", "train", "evaluate", "explain", "export"},
-        "alpha": {"download", "explain"},
+        "retrain": {"download", "train", "evaluate", "explain", "export", "report"},
+        "alpha": {"download", "explain", "report"},
     }
     for name in experiments:
         parent = parents[name]

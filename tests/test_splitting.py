@@ -80,3 +80,15 @@ def test_three_splits_are_disjoint_stratified_and_keep_groups_whole():
     again = split_names(labels, groups, 0.15, 0.15, seed=5)
     assert (names == again).all()
     assert (names != split_names(labels, groups, 0.15, 0.15, seed=6)).any()
+
+
+def test_a_share_that_is_half_an_image_rounds_up_despite_float_error():
+    # 10 per class, 2 to test; validation is 0.15 / 0.8 of the other 8: 1.5 in exact
+    # arithmetic, 1.4999999999999998 in floating point.
+    labels, groups = labels_and_groups((10, 10))
+    names = split_names(labels, groups, 0.15, 0.2, seed=0)
+    assert Counter(zip(labels, names, strict=True)) == {
+        (label, split): n
+        for label in ("class0", "class1")
+        for split, n in (("train", 6), ("val", 2), ("test", 2))
+    }

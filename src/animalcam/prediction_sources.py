@@ -156,15 +156,12 @@ def _run_id(client: MlflowClient, spec: str, uri: str) -> str:
     if run is not None:
         if run.data.tags.get(KIND_TAG) != "pipeline":
             return run.info.run_id
-        found = _latest_evaluate_run(
-            client, [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+        return _evaluate_child(
+            client,
+            run,
+            f"MLflow pipeline run {spec} has no finished evaluate stage; run "
+            "`dvc repro evaluate` or pass another run.",
         )
-        if found is None:
-            raise SourceNotFoundError(
-                f"MLflow pipeline run {spec} has no finished evaluate stage; run "
-                "`dvc repro evaluate` or pass another run."
-            )
-        return found
     found = _dvc_experiment_run(client, spec)
     if found is not None:
         return found
@@ -198,14 +195,21 @@ def _dvc_experiment_run(client: MlflowClient, name: str) -> str | None:
     if not pipelines:
         return None
     parent = pipelines[0]
+    return _evaluate_child(
+        client,
+        parent,
+        f"DVC experiment {name} (MLflow run {parent.info.run_id}) did not run the evaluate "
+        "stage; compare the experiment that trained its model, or its predictions.csv.",
+    )
+
+
+def _evaluate_child(client: MlflowClient, parent, missing: str) -> str:
+    """The finished evaluate run under pipeline run ``parent``; ``missing`` if none."""
     found = _latest_evaluate_run(
         client, [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     if found is None:
-        raise SourceNotFoundError(
-            f"DVC experiment {name} (MLflow run {parent.info.run_id}) did not run the evaluate "
-            "stage; compare the experiment that trained its model, or its predictions.csv."
-        )
+        raise SourceNotFoundError(missing)
     return found
 
 

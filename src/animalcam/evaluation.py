@@ -363,15 +363,7 @@ def write_evaluation(
     """
     plots_dir = Path(plots_dir)
     y, p = check_predictions(y_true, probabilities, class_names)
-    metrics = classification_metrics(
-        y,
-        p,
-        class_names,
-        top_k=params.top_k,
-        calibration_bins=params.calibration_bins,
-        bootstrap_resamples=params.bootstrap_resamples,
-        bootstrap_seed=params.bootstrap_seed,
-    )
+    metrics = _metrics_for(params, y, p, class_names)
     rows = prediction_rows(paths, y, p, class_names)
     write_csv(plots_dir / PREDICTIONS_CSV, PREDICTIONS_HEADER, rows)
     table = calibration_table(y, p, params.calibration_bins)
@@ -418,7 +410,13 @@ def headline_metrics(
     """The split-level figures of :func:`classification_metrics` (accuracy, the two
     averages, their intervals, log loss, ``n_samples``): what evaluate keeps of the
     validation split when it reports on a test split."""
-    metrics = classification_metrics(
+    metrics = _metrics_for(params, y_true, probabilities, class_names)
+    return {key: value for key, value in metrics.items() if key not in _PER_CLASS_DETAIL}
+
+
+def _metrics_for(params: EvaluateParams, y_true, probabilities, class_names) -> dict[str, Any]:
+    """:func:`classification_metrics` with the evaluate section's settings."""
+    return classification_metrics(
         y_true,
         probabilities,
         class_names,
@@ -427,7 +425,6 @@ def headline_metrics(
         bootstrap_resamples=params.bootstrap_resamples,
         bootstrap_seed=params.bootstrap_seed,
     )
-    return {key: value for key, value in metrics.items() if key not in _PER_CLASS_DETAIL}
 
 
 # What the validation summary leaves out: per-class tables and lists of pairs.
